@@ -14,7 +14,6 @@ Order of work for each entry (all before the model is touched):
 from __future__ import annotations
 
 import difflib
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import attrs
 import torch.nn as nn
 
 from .config import COMMON_KEYS, KINDS, EntryCommon, converter, field_names, structure_setting
-from .errors import ConfigError, ConfigWarning
+from .errors import ConfigError, warn_config
 from .registry import PluginHost, get_host
 from .selection import select_modules
 from .targets import TargetRef, resolve_target
@@ -166,8 +165,11 @@ def canonicalize(
                 key=unused[0],
             )
         if not selected:
-            warnings.warn(f"config_list[{index}] selects no {kind} target", ConfigWarning, stacklevel=3)
-    return list(records.values())
+            warn_config(f"config_list[{index}] selects no {kind} target")
+    # Model order reads naturally in listings; sorted() is stable, so targets of one module
+    # keep the order their entries named them in.
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(records.values(), key=lambda r: order[r.module_name])
 
 
 def _place(records: dict[tuple[str, str], TargetRecord], record: TargetRecord, overwrite: bool) -> None:
@@ -180,19 +182,15 @@ def _place(records: dict[tuple[str, str], TargetRecord], record: TargetRecord, o
     if previous.entry == record.entry:
         return  # the same entry named one target twice (e.g. _input_0 and _input_x)
     if overwrite:
-        warnings.warn(
+        warn_config(
             f"config_list[{record.entry}] overwrites the {record.kind} settings of {where} "
-            f"from config_list[{previous.entry}]",
-            ConfigWarning,
-            stacklevel=4,
+            f"from config_list[{previous.entry}]"
         )
         records[key] = record
     else:
-        warnings.warn(
+        warn_config(
             f"config_list[{record.entry}] configures {where} again; configured by "
-            f"config_list[{previous.entry}] already, so this entry does not take effect there",
-            ConfigWarning,
-            stacklevel=4,
+            f"config_list[{previous.entry}] already, so this entry does not take effect there"
         )
 
 

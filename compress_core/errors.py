@@ -83,3 +83,17 @@ class UnknownMethodError(CompressError, KeyError):
 
 class ConfigWarning(UserWarning):
     """A config entry has no effect somewhere (an unknown module name, a target configured twice)."""
+
+
+def warn_config(message: str) -> None:
+    """Emit a :class:`ConfigWarning` attributed to the first caller outside compress-core."""
+    import os
+    import sys
+    import warnings
+
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, ConfigWarning, stacklevel=level)

@@ -12,7 +12,6 @@ The bookkeeping lives in the wrappers on the model, so the rules hold whichever
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 from .canonical import TargetRecord, canonicalize
 from .compressor import Compressor
 from .config import structure_setting
-from .errors import ConfigError, ConfigWarning
+from .errors import ConfigError, warn_config
 from .registry import PluginHost, get_host
 from .wrapper import get_wrapper, wrap, wrappers
 
@@ -68,11 +67,9 @@ class Orchestrator:
             if owner is None:
                 kept.append(record)
                 continue
-            warnings.warn(
+            warn_config(
                 f"{record.module_name}.{record.target_name} is configured for {kind} by {owner} "
-                f"already; config_list[{record.entry}] of '{method}' does not take effect there",
-                ConfigWarning,
-                stacklevel=4,
+                f"already; config_list[{record.entry}] of '{method}' does not take effect there"
             )
         return kept
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import difflib
 import pkgutil
 import re
-import warnings
 
 import torch.nn as nn
 
 from .config import EntryCommon
-from .errors import ConfigError, ConfigWarning
+from .errors import ConfigError, warn_config
 
 __all__ = ["module_names", "select_modules", "type_matches"]
 
@@ -65,10 +64,8 @@ def select_modules(model: nn.Module, entry: EntryCommon, index: int) -> dict[str
             for name in missing:
                 close = difflib.get_close_matches(name, list(all_names), n=1)
                 hints.append(f"'{name}'" + (f" (closest: '{close[0]}')" if close else ""))
-            warnings.warn(
-                f"config_list[{index}].op_names: no module named {', '.join(hints)}; ignored",
-                ConfigWarning,
-                stacklevel=4,
+            warn_config(
+                f"config_list[{index}].op_names: no module named {', '.join(hints)}; ignored"
             )
         for name in entry.op_names or ():
             if name in all_names:

@@ -1,0 +1,31 @@
+# Set-up and the commands of the README. Everything installs into .venv from the pins in
+# constraints.txt (torch==2.13.0 is the CPU build on these machines; an open range can pull CUDA).
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast test-slow
+
+$(STAMP): pyproject.toml constraints.txt examples/third_party_plugin/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[test,examples]'
+	$(PIP) ./examples/third_party_plugin
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job: list plugins, train a small CNN on real digits, prune it, print the results.
+demo: $(STAMP)
+	$(VENV)/bin/compress plugins
+	$(VENV)/bin/python examples/quickstart/run.py
+
+## The whole suite (slow tests included), as CI runs it.
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
