@@ -111,7 +111,13 @@ def canonicalize(
             defaults = host.default_targets(kind, module)
             names = list(common.target_names) if common.target_names is not None else list(defaults)
             names += [t for t in common.target_settings or {} if t not in names]
+            names = list(dict.fromkeys(names))  # a name listed twice is one target
             explicit = set(common.target_names or ()) | set(common.target_settings or {})
+            target_settings = common.target_settings or {}
+            # Resolve first: '_input_', '_input_0' and '_input_x' may name one target, whose
+            # defaults and target_settings then apply under whichever spelling they were given.
+            spellings: dict[str, list[str]] = {}
+            refs: dict[str, TargetRef] = {}
             for target_name in names:
                 try:
                     ref = resolve_target(module, target_name)
@@ -120,19 +126,36 @@ def canonicalize(
                         continue  # a default target the module lacks, e.g. bias=False
                     key = (
                         f"target_settings.{target_name}"
-                        if target_name in (common.target_settings or {})
+                        if target_name in target_settings
                         else "target_names"
                     )
                     raise ConfigError(str(exc), entry=index, key=key, module=module_name) from None
-                seen_targets.add(target_name)
-                merged = dict(defaults.get(target_name, {}))
+                spellings.setdefault(ref.name, []).append(target_name)
+                refs.setdefault(ref.name, ref)
+            for canonical_name, aliases in spellings.items():
+                ref = refs[canonical_name]
+                configured = [t for t in aliases if t in target_settings]
+                if len(configured) > 1:
+                    raise ConfigError(
+                        f"'{configured[0]}' and '{configured[1]}' name the same target of "
+                        f"{type(module).__name__}; configure it under one name",
+                        entry=index,
+                        key=f"target_settings.{configured[1]}",
+                        module=module_name,
+                    )
+                target_name = configured[0] if configured else aliases[0]
+                seen_targets.update(aliases)
+                merged: dict[str, Any] = {}
+                in_defaults = [t for t in aliases if t in defaults]
+                for alias in in_defaults:
+                    merged.update(defaults[alias])
                 key_paths: dict[str, str] = {}
                 for key, value in shorthand.items():
-                    if target_name not in defaults or key in merged:
+                    if not in_defaults or key in merged:
                         merged[key] = value
                         key_paths[key] = key
                         used_shorthand.add(key)
-                for key, value in (common.target_settings or {}).get(target_name, {}).items():
+                for key, value in target_settings.get(target_name, {}).items():
                     merged[key] = value
                     key_paths[key] = f"target_settings.{target_name}.{key}"
                 settings = structure_setting(

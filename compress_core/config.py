@@ -84,7 +84,7 @@ def _valid_regexes(instance: Any, attribute: attrs.Attribute, value: tuple[str, 
     for pattern in value or ():
         try:
             re.compile(pattern)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # 'a{4294967296}' overflows
             raise SettingError(attribute.name, f"invalid regular expression {pattern!r}: {exc}") from None
 
 
@@ -349,6 +349,9 @@ def _make_converter() -> cattrs.Converter:
             structure_str(target, str)
             if not isinstance(settings, Mapping):
                 raise SettingError(target, f"must be a mapping of settings, got {_describe(settings)}")
+            for key in settings:
+                if not isinstance(key, str):
+                    raise SettingError(target, f"setting keys must be strings, got {_describe(key)}")
             result[target] = dict(settings)
         return result
 
@@ -399,11 +402,11 @@ def _message(exc: BaseException, known: list[str]) -> str:
     if isinstance(exc, ForbiddenExtraKeysError):
         if attrs.has(exc.cl):
             known = field_names(exc.cl)
-        extra = sorted(exc.extra_fields)
+        extra = sorted(exc.extra_fields, key=repr)  # keys of a nested dict need not be str
         hints = []
         for key in extra:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            close = difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else []
+            hints.append(f"{key!r}" + (f" (did you mean '{close[0]}'?)" if close else ""))
         return f"unknown key {', '.join(hints)}; known keys: {', '.join(known)}"
     if isinstance(exc, KeyError):
         return f"missing required key {exc.args[0]!r}" if exc.args else "missing required key"
@@ -434,11 +437,18 @@ def structure_setting(
     except (ClassValidationError, IterableValidationError, SettingError, ValueError, TypeError) as exc:
         path, leaf = _leaf_errors(exc)[0] if isinstance(exc, Exception) else ((), exc)
         known = field_names(cls) if attrs.has(cls) else []
+        if path and attrs.has(cls):
+            # Name the key as the user writes it (``lambda``), not as the attribute (``lambda_``).
+            renamed = {a.name: key for a, key in zip(attrs.fields(cls), known)}
+            path = (renamed.get(path[0], path[0]),) + path[1:]
         if isinstance(leaf, ForbiddenExtraKeysError) and len(path) == 0 and key_paths:
-            bad = sorted(leaf.extra_fields)[0]
-            where = key_paths.get(bad, bad)
-            where_path = tuple(where.split(".")[:-1])
-            full = _join(((prefix,) if prefix else ()) + where_path)
+            # Point at the unknown key where the user wrote it: its full path if it came from a
+            # known place (a shorthand key or target_settings.<t>.<key>), else under ``prefix``.
+            bad = sorted(leaf.extra_fields, key=repr)[0]
+            if bad in key_paths:
+                full = key_paths[bad]
+            else:
+                full = _join(((prefix,) if prefix else ()) + (str(bad),))
             raise ConfigError(_message(leaf, known), entry=entry, key=full or None, module=module) from None
         if path and key_paths and path[0] in key_paths:
             path = tuple(key_paths[path[0]].split(".")) + path[1:]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import pkgutil
 import re
+import sys
 
 import torch.nn as nn
 
@@ -34,17 +34,25 @@ def type_matches(module_type: type, type_names: tuple[str, ...]) -> bool:
     return False
 
 
-_resolved: dict[str, object] = {}
-
-
 def _resolve_type(dotted: str) -> object:
-    # "torch.nn.Linear" is the public spelling of torch.nn.modules.linear.Linear.
-    if dotted not in _resolved:
-        try:
-            _resolved[dotted] = pkgutil.resolve_name(dotted)
-        except (ImportError, AttributeError, ValueError):
-            _resolved[dotted] = None
-    return _resolved[dotted]
+    """The object ``dotted`` names in an already imported module, else ``None``.
+
+    "torch.nn.Linear" is the public spelling of torch.nn.modules.linear.Linear. Nothing is
+    imported: a config string must not run code, and a class of a module in the model lives
+    in a module that is imported already.
+    """
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        found: object = sys.modules.get(".".join(parts[:cut]))
+        if found is None:
+            continue
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute, None)
+            if found is None:
+                break
+        if found is not None:
+            return found
+    return None
 
 
 def select_modules(model: nn.Module, entry: EntryCommon, index: int) -> dict[str, nn.Module]:

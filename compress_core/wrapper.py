@@ -119,6 +119,10 @@ class ModuleWrapper:
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
         saved: list[tuple[dict[str, Any], str, Any]] = []
+        # Re-entered from inside its own forward (a recursive module): the outer call already
+        # put the compressed parameters in place; compressing them again would apply an 'add'
+        # mask or a quantizer twice. Inputs and outputs differ per call and are still handled.
+        reentered = bool(self._saved)
         try:
             for name, ref in self.targets.items():
                 if ref.kind == "parameter":
@@ -131,6 +135,8 @@ class ModuleWrapper:
                         args, kwargs = set_input(ref, args, kwargs, self._compress(module, name, value))
                     continue
                 else:
+                    continue
+                if reentered:
                     continue
                 original = store[name]
                 saved.append((store, name, original))
