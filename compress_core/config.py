@@ -13,6 +13,7 @@ and the key path, e.g. ``config_list[1].target_settings.weight.sparse_ratio: mus
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Hashable, Mapping
 from typing import Any, Dict, Optional, Tuple, Union
@@ -64,6 +65,11 @@ class SettingError(ValueError):
 def _unit_interval(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not 0.0 <= value <= 1.0:
         raise SettingError(attribute.name, f"must be within [0, 1], got {value!r}")
+
+
+def _finite(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise SettingError(attribute.name, f"must be a finite number, got {value!r}")
 
 
 def _one_of(*choices: str):
@@ -184,7 +190,7 @@ class PruningSetting:
     """Upper bound on this target's own sparsity (also inside a global group)."""
     min_sparse_ratio: Optional[float] = attrs.field(default=None, validator=_unit_interval)
     """Lower bound on this target's own sparsity (also inside a global group)."""
-    sparse_threshold: Optional[float] = None
+    sparse_threshold: Optional[float] = attrs.field(default=None, validator=_finite)
     """Mask positions whose metric is below this value (range depends on the method)."""
     global_group_id: Optional[GroupId] = None
     """Targets sharing this id are ranked together against one ``sparse_ratio``."""

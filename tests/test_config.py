@@ -654,3 +654,13 @@ def test_later_entry_error_is_reported_even_if_earlier_entry_warns(model):
 def test_float_values_are_not_rounded(model):
     recs = records_of(model, [{"op_names": ["fc1"], "sparse_ratio": 1 / 3}])
     assert math.isclose(recs[("fc1", "weight")].settings.sparse_ratio, 1 / 3, rel_tol=0, abs_tol=0)
+
+
+def test_sparse_threshold_must_be_finite():
+    from compress_core.config import PruningSetting, structure_setting
+
+    with pytest.raises(ConfigError) as info:
+        structure_setting({"sparse_threshold": float("nan")}, PruningSetting, entry=2)
+    assert info.value.entry == 2
+    assert info.value.key == "sparse_threshold"
+    assert "finite" in info.value.reason
