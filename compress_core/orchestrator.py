@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .canonical import TargetRecord, canonicalize
 from .compressor import Compressor
-from .config import structure_setting
+from .config import field_names, structure_setting
 from .errors import ConfigError, warn_config
 from .registry import PluginHost, get_host
 from .wrapper import get_wrapper, wrap, wrappers
@@ -148,6 +148,13 @@ def _structure_params(compressor_cls: type, params: Mapping[str, Any], method: s
         return None
     if not attrs.has(params_cls):
         raise TypeError(f"{compressor_cls.__name__}.params_cls must be an attrs class")
+    known = field_names(params_cls)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"method '{method}' has no parameter '{unknown[0]}' (parameters: {', '.join(known)})",
+            key=unknown[0],
+        )
     try:
         return structure_setting(params, params_cls, entry=None)
     except ConfigError as exc:

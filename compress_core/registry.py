@@ -196,7 +196,7 @@ class PluginHost:
         try:
             self.pm.register(plugin, name=info.name)
         except Exception as exc:
-            self._fail(info, f"failed to register {info.origin}: {exc}", exc)
+            self._fail(info, f"failed to register {info.origin}: {type(exc).__name__}: {exc}", exc)
             return
         try:
             self.pm.check_pending()
@@ -214,7 +214,7 @@ class PluginHost:
             self._commit(registry)
         except Exception as exc:
             self.pm.unregister(plugin)
-            self._fail(info, f"{info.origin} failed to register: {exc}", exc)
+            self._fail(info, f"{info.origin} failed to register: {type(exc).__name__}: {exc}", exc)
             return
         info.methods = [m.name for m in registry.methods]
         self.plugins[info.name] = info

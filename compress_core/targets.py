@@ -51,6 +51,9 @@ def resolve_target(module: nn.Module, name: str) -> TargetRef:
         if rest == "":
             return TargetRef(name=name, kind="output")
         if rest.isdigit():
+            if int(rest) == 0:
+                # _output_ already means "the tensor, or its first element": one target.
+                return TargetRef(name=OUTPUT_PREFIX, kind="output")
             return TargetRef(name=name, kind="output", index=int(rest))
         return TargetRef(name=name, kind="output", key=rest)
     if module._parameters.get(name) is not None:

@@ -241,10 +241,15 @@ def test_get_and_set_keyword_only_input():
 
 @pytest.mark.parametrize(
     ("name", "index", "key"),
-    [("_output_", None, None), ("_output_0", 0, None), ("_output_2", 2, None), ("_output_logits", None, "logits")],
+    [("_output_", None, None), ("_output_2", 2, None), ("_output_logits", None, "logits")],
 )
 def test_output_targets(name, index, key):
     assert resolve_target(nn.Linear(2, 2), name) == TargetRef(name=name, kind="output", index=index, key=key)
+
+
+def test_output_0_is_the_same_target_as_output():
+    # Both mean "the output tensor, or its first element", so they canonicalize to one name.
+    assert resolve_target(nn.Linear(2, 2), "_output_0") == TargetRef(name="_output_", kind="output")
 
 
 def double(t: torch.Tensor) -> torch.Tensor:

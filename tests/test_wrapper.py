@@ -739,11 +739,6 @@ def test_first_output_of_a_tuple():
     torch.testing.assert_close(out[1], F.linear(x, torch.diag(torch.tensor([1.0, 4.0, 2.0, 3.0]))))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_output_ and _output_0 name the same output but are not canonicalized to one target "
-    "(unlike _input_/_input_0), so two entries configure it twice and the mask is applied twice",
-)
 def test_output_and_output_0_are_one_target():
     model = heads(TupleHeads)
     config = [
