@@ -18,7 +18,8 @@ Timing: a few warm-up steps per variant, then ``--repeats`` rounds; in every rou
 runs ``--steps`` steps back to back and the mean step time of that block is one sample. The order
 of the variants rotates from round to round so that slow drift (frequency, other load) is shared.
 The reported number is the median sample. Everything runs once per thread count
-(``torch.set_num_threads``).
+(``torch.set_num_threads``). The CPU time other processes used during each measurement is
+reported too (Linux), since a busy machine skews the numbers.
 
 Usage::
 
@@ -192,6 +193,26 @@ class Runner:
         return (time.perf_counter() - start) / steps
 
 
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on the whole machine, CPU s of this process), Linux only."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+    own = os.times()
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def _foreign_load(before: tuple[float, float, float] | None) -> float | None:
+    """Average number of CPUs other processes kept busy since ``before`` (noise indicator)."""
+    after = _cpu_snapshot()
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
 def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) -> dict[str, object]:
     factory, data, _ = MODELS[name]
     torch.manual_seed(0)
@@ -203,6 +224,7 @@ def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) 
         for _ in range(warmup):
             runner.step()
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    snapshot = _cpu_snapshot()
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -215,7 +237,12 @@ def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) 
         if gc_was_enabled:
             gc.enable()
     med = {v: statistics.median(s) for v, s in samples.items()}
-    result: dict[str, object] = {"model": name, "threads": threads, "variants": {}}
+    result: dict[str, object] = {
+        "model": name,
+        "threads": threads,
+        "other_processes_cpus": _foreign_load(snapshot),
+        "variants": {},
+    }
     for v in VARIANTS:
         s = samples[v]
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
@@ -267,14 +294,20 @@ def machine() -> dict[str, object]:
 
 
 def print_table(results: list[dict[str, object]]) -> None:
-    print("| model | threads | plain (ms) | compress-core (ms) | ratio | torch prune (ms) | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| model | threads | plain (ms) | compress-core (ms) | ratio | torch prune (ms) | ratio "
+        "| other load (CPUs) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         v = r["variants"]
         p, c, t = v["plain"], v["compress_core"], v["torch_prune"]  # type: ignore[index]
+        load = r["other_processes_cpus"]
+        load_text = "n/a" if load is None else f"{load:.2f}"
         print(
             f"| {r['model']} | {r['threads']} | {p['median_ms']:.2f} | {c['median_ms']:.2f} | "
-            f"{c['ratio_vs_plain']:.3f}x | {t['median_ms']:.2f} | {t['ratio_vs_plain']:.3f}x |"
+            f"{c['ratio_vs_plain']:.3f}x | {t['median_ms']:.2f} | {t['ratio_vs_plain']:.3f}x "
+            f"| {load_text} |"
         )
 
 
@@ -311,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_model(name, threads, args.repeats, args.steps, args.warmup))
             print(f"  done {name} @ {threads} thread(s)  [{time.perf_counter() - started:.0f} s]", file=sys.stderr)
     print_table(results)
+    print(
+        "\nratio = median step time / plain's. other load = CPUs that other processes kept busy "
+        "during the timing (from /proc/stat); above ~0.1 the numbers are disturbed."
+    )
     print()
 
     masks = {name: mask_report(name) for name in args.models}

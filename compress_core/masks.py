@@ -105,11 +105,14 @@ def block_shape(
                 )
             if granularity == "out_channel":
                 if ndim == 0:
-                    raise ValueError("'out_channel' needs a parameter with at least 1 dim; got shape ()")
+                    raise ValueError(
+                        "'out_channel' needs a parameter with at least 1 dim; got shape ()"
+                    )
                 return (1, *whole[1:])
             if ndim < 2:
                 raise ValueError(
-                    f"'in_channel' needs a parameter with at least 2 dims; got shape {_fmt_shape(shape)}"
+                    "'in_channel' needs a parameter with at least 2 dims; "
+                    f"got shape {_fmt_shape(shape)}"
                 )
             return (whole[0], 1, *whole[2:])
         if granularity == "per_channel":
@@ -594,7 +597,8 @@ def _greedy_take(cands: Sequence[Tensor], weights: Sequence[int], budget: int) -
     if v_star is None:  # unreachable: the full weight exceeds the budget, so the max is v*
         raise RuntimeError("greedy selection found no cut")
     take = [int(torch.searchsorted(c, v_star.reshape(1))) for c in cands]
-    ties = [int(torch.searchsorted(c, v_star.reshape(1), right=True)) - t for c, t in zip(cands, take)]
+    upto = [int(torch.searchsorted(c, v_star.reshape(1), right=True)) for c in cands]
+    ties = [u - t for u, t in zip(upto, take)]
     left = budget - sum(wt * t for wt, t in zip(weights, take))
     for i, (wt, n) in enumerate(zip(weights, ties)):
         fit = min(n, left // wt)
@@ -754,7 +758,9 @@ def align_mask(
     norm: list[int] = []
     for d in dims:
         if not _is_int(d) or not -ndim <= d < ndim:
-            raise ValueError(f"dim {d!r} is out of range for source shape {_fmt_shape(source_shape)}")
+            raise ValueError(
+                f"dim {d!r} is out of range for source shape {_fmt_shape(source_shape)}"
+            )
         d %= ndim
         if d in norm:
             raise ValueError(f"dim {d} appears more than once in dims {list(dims)}")

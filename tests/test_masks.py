@@ -198,12 +198,15 @@ def test_block_reduce_matches_loops(shape, block, reduce):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     got = block_reduce(t, block, reduce)
     assert got.shape == tuple(s // b for s, b in zip(shape, block))
-    torch.testing.assert_close(got.double(), ref_block_reduce(t, block, reduce), rtol=1e-5, atol=1e-5)
+    expected = ref_block_reduce(t, block, reduce)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_block_reduce_non_contiguous_input():
-    t = torch.randn(6, 4).t()  # (4, 6), not contiguous
-    torch.testing.assert_close(block_reduce(t, (2, 3), "sum").double(), ref_block_reduce(t, (2, 3), "sum"))
+    t = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).t()  # (4, 6), strided
+    expected = ref_block_reduce(t, (2, 3), "sum")
+    got = block_reduce(t, (2, 3), "sum").double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_block_reduce_unit_block_returns_input():
@@ -271,7 +274,7 @@ def test_expand_mask_wrong_grid_shape():
 
 
 def test_granularity_round_trip_prunes_whole_channels():
-    weight = torch.randn(6, 4, 3, 3)
+    weight = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(2))
     block = block_shape("out_channel", tuple(weight.shape))
     grid = block_reduce(weight, block, "l2")
     keep = solve_masks([MaskRequest(key="w", metric=grid, sparse_ratio=0.5)])["w"]
@@ -294,7 +297,9 @@ def test_ratio_prunes_smallest_with_ties_by_lowest_index():
 
 
 def test_ratio_count_uses_epsilon():
-    # 0.7 * 10 == 6.999999999999999 in floating point; 7 cells must go.
+    # 100 * 0.57 == 56.99999999999999 in floating point; 57 cells must go.
+    got = solve_one([float(i) for i in range(100)], sparse_ratio=0.57)
+    assert got == [False] * 57 + [True] * 43
     got = solve_one([float(i) for i in range(10)], sparse_ratio=0.7)
     assert got == [False] * 7 + [True] * 3
 
@@ -400,7 +405,8 @@ def test_ratio_with_clamps_matches_reference(values, ratio, lo, hi):
         lo, hi = hi, lo
     lo_n, hi_n = ref_bounds(len(values), lo, hi)
     expected = ref_keep(values, min(max(ref_floor(len(values) * ratio), lo_n), hi_n))
-    assert solve_one(values, sparse_ratio=ratio, min_sparse_ratio=lo, max_sparse_ratio=hi) == expected
+    got = solve_one(values, sparse_ratio=ratio, min_sparse_ratio=lo, max_sparse_ratio=hi)
+    assert got == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,8 +434,12 @@ def test_large_metric_exact_count_with_many_ties(ratio):
 
 def test_large_global_fast_path_matches_sorted_reference():
     gen = torch.Generator().manual_seed(4)
-    ms = [torch.randint(0, 1000, (n,), generator=gen).float() / 7 for n in (120_000, 90_000, 150_000)]
-    reqs = [MaskRequest(key=i, metric=m, sparse_ratio=0.42, global_group_id="g") for i, m in enumerate(ms)]
+    sizes = (120_000, 90_000, 150_000)
+    ms = [torch.randint(0, 1000, (n,), generator=gen).float() / 7 for n in sizes]
+    reqs = [
+        MaskRequest(key=i, metric=m, sparse_ratio=0.42, global_group_id="g")
+        for i, m in enumerate(ms)
+    ]
     out = solve_masks(reqs)
     whole = sorted_reference_keep(torch.cat(ms), ref_floor(360_000 * 0.42))
     assert torch.equal(torch.cat([out[i] for i in range(3)]), whole)
@@ -474,8 +484,10 @@ def test_sampled_selection_is_exact(values, ratio, sample, sigmas, slack, chunk)
 
 def test_global_group_ranks_across_targets():
     reqs = [
-        MaskRequest(key="a", metric=metric([0.1, 0.9, 0.2, 0.8]), sparse_ratio=0.5, global_group_id="g"),
-        MaskRequest(key="b", metric=metric([0.7, 0.3, 0.6, 0.05]), sparse_ratio=0.5, global_group_id="g"),
+        MaskRequest(key="a", metric=metric([0.1, 0.9, 0.2, 0.8]), sparse_ratio=0.5,
+                    global_group_id="g"),
+        MaskRequest(key="b", metric=metric([0.7, 0.3, 0.6, 0.05]), sparse_ratio=0.5,
+                    global_group_id="g"),
     ]
     out = solve_masks(reqs)
     # The 4 smallest of all 8: 0.05, 0.1, 0.2, 0.3
@@ -519,6 +531,24 @@ def test_global_greedy_stops_even_if_a_smaller_cell_would_fit():
     out = solve_masks(reqs)
     assert as_list(out["a"]) == [False, True]
     assert as_list(out["b"]) == [True, True, True]
+
+
+def test_global_greedy_stop_applies_within_ties():
+    # Every cell ties at 0.5. Elements 2 * 3 + 3 * 1 = 9, budget floor(9 * 0.25) = 2. The first
+    # cell in order is a's (earlier target), 3 elements > 2: the fill stops before b's cells.
+    reqs = [
+        MaskRequest(key="a", metric=metric([0.5, 0.5]), block_numel=3, sparse_ratio=0.25,
+                    global_group_id="g"),
+        MaskRequest(key="b", metric=metric([0.5, 0.5, 0.5]), sparse_ratio=0.25,
+                    global_group_id="g"),
+    ]
+    out = solve_masks(reqs)
+    assert as_list(out["a"]) == [True, True]
+    assert as_list(out["b"]) == [True, True, True]
+    # with b first, its two cells fit and a's do not
+    out = solve_masks(reqs[::-1])
+    assert as_list(out["b"]) == [False, False, True]
+    assert as_list(out["a"]) == [True, True]
 
 
 def test_global_with_bounds():
@@ -587,7 +617,8 @@ def test_global_equal_sizes_is_optimal(case, ratio):
     reqs = global_requests(case, ratio, equal_numel=True)
     out = solve_masks(reqs)
     values = [sorted(r.metric.tolist()) for r in reqs]
-    bounds = [ref_bounds(len(v), r.min_sparse_ratio, r.max_sparse_ratio) for v, r in zip(values, reqs)]
+    bounds = [ref_bounds(len(v), r.min_sparse_ratio, r.max_sparse_ratio)
+              for v, r in zip(values, reqs)]
     budget = ref_floor(sum(len(v) for v in values) * ratio)
     target = max(sum(lo for lo, _ in bounds), min(sum(hi for _, hi in bounds), budget))
     best = min(
@@ -607,7 +638,7 @@ def test_global_group_errors():
             MaskRequest(key="a", metric=m, sparse_ratio=0.5, global_group_id="g"),
             MaskRequest(key="b", metric=m, sparse_threshold=0.5, global_group_id="g"),
         ])
-    with pytest.raises(ValueError, match="global group 'g': all requests need the same sparse_ratio"):
+    with pytest.raises(ValueError, match="global group 'g': all requests need the same sparse_"):
         solve_masks([
             MaskRequest(key="a", metric=m, sparse_ratio=0.5, global_group_id="g"),
             MaskRequest(key="b", metric=m, sparse_ratio=0.6, global_group_id="g"),
@@ -637,13 +668,13 @@ def test_dependency_group_uses_mean_metric_and_shares_mask():
 
 def test_dependency_group_threshold_and_2d_grid():
     a = metric([[1.0, 4.0], [2.0, 0.0]])
-    b = metric([[3.0, 0.0], [2.0, 1.0]])
-    # mean [[2, 2], [2, 0.5]] < 2.0 -> only (1, 1)
+    b = metric([[3.0, 1.0], [2.0, 1.0]])
+    # mean [[2, 2.5], [2, 0.5]] < 2.2 -> all but (0, 1) (a sum would prune only (1, 1))
     out = solve_masks([
-        MaskRequest(key="a", metric=a, sparse_threshold=2.0, dependency_group_id=7),
-        MaskRequest(key="b", metric=b, sparse_threshold=2.0, dependency_group_id=7),
+        MaskRequest(key="a", metric=a, sparse_threshold=2.2, dependency_group_id=7),
+        MaskRequest(key="b", metric=b, sparse_threshold=2.2, dependency_group_id=7),
     ])
-    assert out["a"].tolist() == [[True, True], [True, False]]
+    assert out["a"].tolist() == [[False, True], [False, False]]
     assert out["b"].tolist() == out["a"].tolist()
 
 
@@ -664,6 +695,22 @@ def test_dependency_group_in_global_group_counts_member_elements():
     assert as_list(out["c"]) == [False, False, True, True]
 
 
+def test_dependency_group_cell_size_is_sum_of_members():
+    # Pair cells weigh 2 + 2 = 4 elements; total 2 * 4 + 4 * 1 = 12, budget floor(12 * 0.4) = 4.
+    # Ascending: pair cell 1 (mean 0.0, 4) -> 4; c0 (0.1, 1) would make 5: stop.
+    # (Counting only one member's 2 elements would give budget 3 and prune c0 as well.)
+    out = solve_masks([
+        MaskRequest(key="a", metric=metric([0.9, 0.0]), block_numel=2, sparse_ratio=0.4,
+                    dependency_group_id="d", global_group_id="g"),
+        MaskRequest(key="b", metric=metric([0.9, 0.0]), block_numel=2, sparse_ratio=0.4,
+                    dependency_group_id="d", global_group_id="g"),
+        MaskRequest(key="c", metric=metric([0.1, 0.2, 0.3, 0.4]), sparse_ratio=0.4,
+                    global_group_id="g"),
+    ])
+    assert as_list(out["a"]) == as_list(out["b"]) == [True, False]
+    assert as_list(out["c"]) == [True, True, True, True]
+
+
 def test_dependency_group_uses_first_members_clamps():
     out = solve_masks([
         MaskRequest(key="a", metric=metric([1.0, 2.0, 3.0, 4.0]), sparse_ratio=0.75,
@@ -677,9 +724,11 @@ def test_dependency_group_uses_first_members_clamps():
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (dict(metric=torch.zeros(3)), r"dependency group 'd': metric shapes differ.*\(4,\).*\(3,\)"),
+        (dict(metric=torch.zeros(3)),
+         r"dependency group 'd': metric shapes differ.*\(4,\).*\(3,\)"),
         (dict(sparse_ratio=0.25), "dependency group 'd': sparse_ratio differs"),
-        (dict(sparse_ratio=None, sparse_threshold=0.5), "dependency group 'd': sparse_ratio differs"),
+        (dict(sparse_ratio=None, sparse_threshold=0.5),
+         "dependency group 'd': sparse_ratio differs"),
         (dict(global_group_id="other"), "dependency group 'd': global_group_id differs"),
         (dict(internal_metric_block=2), "dependency group 'd': internal_metric_block differs"),
     ],
@@ -708,7 +757,9 @@ def test_internal_metric_block_prunes_whole_chunks():
 
 @SETTINGS
 @given(
-    heads=st.lists(st.lists(st.integers(0, 4).map(float), min_size=3, max_size=3), min_size=1, max_size=6),
+    heads=st.lists(
+        st.lists(st.integers(0, 4).map(float), min_size=3, max_size=3), min_size=1, max_size=6
+    ),
     ratio=ratios,
 )
 def test_internal_metric_block_matches_reference(heads, ratio):
@@ -731,6 +782,19 @@ def test_internal_metric_block_in_global_group_multiplies_block_numel():
     ])
     assert as_list(out["a"]) == [False, False, True, True]
     assert as_list(out["b"]) == [False, False, True, True]
+
+
+def test_internal_metric_block_chunk_weighs_all_its_elements():
+    # a: heads of 2 channels x 3 elements = 6 elements; total 12 + 8 = 20, budget
+    # floor(20 * 0.3) = 6. Head 0 (mean 0.0, 6) -> 6; b0 (0.1) would make 7: stop.
+    out = solve_masks([
+        MaskRequest(key="a", metric=metric([0.0, 0.0, 0.9, 0.9]), block_numel=3, sparse_ratio=0.3,
+                    internal_metric_block=2, global_group_id="g"),
+        MaskRequest(key="b", metric=metric([0.1 * i for i in range(1, 9)]), sparse_ratio=0.3,
+                    global_group_id="g"),
+    ])
+    assert as_list(out["a"]) == [False, False, True, True]
+    assert as_list(out["b"]) == [True] * 8
 
 
 def test_internal_metric_block_with_dependency_group():
@@ -764,7 +828,8 @@ def test_internal_metric_block_with_dependency_group():
         (dict(sparse_ratio=0.5, block_numel=0), "request 'w': block_numel must be an int >= 1"),
         (dict(sparse_ratio=0.5, internal_metric_block=4),
          "request 'w': internal_metric_block 4 does not divide the 6 cells"),
-        (dict(sparse_ratio=0.5, internal_metric_block=0), "internal_metric_block must be an int >= 1"),
+        (dict(sparse_ratio=0.5, internal_metric_block=0),
+         "internal_metric_block must be an int >= 1"),
         (dict(sparse_ratio=0.5, metric=torch.zeros(2, 3), internal_metric_block=3),
          r"request 'w': internal_metric_block needs a 1-D metric grid.*\(2, 3\)"),
         (dict(sparse_ratio=0.5, metric=torch.zeros(6, dtype=torch.int64)),
@@ -877,7 +942,8 @@ def test_align_matches_reference(case, compact_dims, seed):
 @pytest.mark.parametrize(
     ("mask_shape", "dims", "target", "message"),
     [
-        ((4, 3), [0], (3,), "target shape (3,) has 3 elements but dims [0] of source shape (4, 3) give 4"),
+        ((4, 3), [0], (3,),
+         "target shape (3,) has 3 elements but dims [0] of source shape (4, 3) give 4"),
         ((4, 3), [2], (4,), "dim 2 is out of range for source shape (4, 3)"),
         ((4, 3), [0, -2], (16,), "dim 0 appears more than once"),
         ((2, 3), [0], (4,), "source mask of shape (2, 3) does not broadcast to (4, 3)"),
@@ -919,7 +985,9 @@ def test_apply_mask_add_values_and_gradient():
     assert probs[0] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32]
+)
 def test_apply_mask_keeps_values_exactly_in_every_dtype(dtype):
     values = [-0.0, 1.5, float("nan"), -3.0, float("inf"), 7.0]
     if not dtype.is_floating_point:
