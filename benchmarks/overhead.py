@@ -10,7 +10,8 @@ Variants of each model (same initial weights, same inputs):
 
 * ``plain``: the model as is;
 * ``compress_core``: ``compress_core.create("level", model, [{"op_types": ["Conv2d", "Linear"],
-  "sparse_ratio": 0.5}])`` then ``comp.compress()``, so the masks are active in forward;
+  "sparse_ratio": 0.5}])`` then ``comp.compress()``, so the masks are active in forward (the
+  plugin's defaults also mask each bias, aligned to the weight's output channels);
 * ``torch_prune``: ``torch.nn.utils.prune.l1_unstructured(module, "weight", amount=0.5)`` on the
   same layers (the common alternative).
 
@@ -251,6 +252,10 @@ def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) 
             "q1_ms": q[0] * 1e3,
             "q3_ms": q[2] * 1e3,
             "ratio_vs_plain": med[v] / med["plain"],
+            # Median of the per-round ratios: pairs each sample with plain's from the same round.
+            "paired_ratio_vs_plain": statistics.median(
+                a / b for a, b in zip(s, samples["plain"])
+            ),
             "samples_ms": [t * 1e3 for t in s],
         }
     return result
