@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, nargs="+", default=[1, 2],
         help="torch thread counts to run, in order (default: 1 2)",
     )
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per variant (default: 15)")
+    parser.add_argument("--repeats", type=int, default=25, help="timed rounds per variant (default: 25)")
     parser.add_argument("--steps", type=int, default=5, help="train steps per timed sample (default: 5)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (default: 5)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cnn", "mlp"])
@@ -334,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu: {env['cpu']} ({env['cpus']} CPUs), torch {env['torch']}, python {env['python']}, {env['date']}")
     load = env["load_average_at_start"]
     if load is not None:
-        busy = " (other work is running: numbers will be noisy)" if load[0] > 0.5 else ""
-        print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{busy}")
+        print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"repeats {args.repeats} x {args.steps} steps, warm-up {args.warmup}; sparse_ratio {SPARSE_RATIO}")
     for name in args.models:
         print(f"  {name}: {MODELS[name][2]}")

@@ -19,6 +19,7 @@ from . import masks as mask_math
 from .canonical import TargetRecord
 from .compressor import Compressor
 from .config import PruningSetting
+from .distributed import all_reduce_sum_
 from .errors import ConfigError
 from .selection import check_module_name
 from .targets import resolve_target
@@ -30,25 +31,53 @@ Key = tuple[str, str]
 
 
 class MaskHandler:
-    """Applies a stored mask; optionally accumulates per-channel ``mean |x|`` of activations."""
+    """Applies a stored mask; optionally accumulates a per-channel statistic of activations.
 
-    def __init__(self, mask_name: str, apply_method: str, stat_name: str | None = None) -> None:
+    The statistic is the per-channel sum of ``|x|`` (``statistic="abs"``) or of ``x**2``
+    (``statistic="square"``) over every observed row, plus the row count in the last slot, so
+    that sums from several ranks or batches combine exactly into a mean.
+    """
+
+    def __init__(
+        self, mask_name: str, apply_method: str, stat_name: str | None = None, statistic: str = "abs"
+    ) -> None:
         self.mask_name = mask_name
         self.apply_method = apply_method
         self.stat_name = stat_name
+        self.statistic = statistic
         self.observing = stat_name is not None
+        # (mask buffer, (its _version, dtype), mask_bits): derived from the buffer, never state.
+        self._bits: tuple[torch.Tensor, tuple[int, torch.dtype], torch.Tensor] | None = None
 
     def __call__(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
         if self.observing and self.stat_name is not None:
             self._observe(module, value)
-        return mask_math.apply_mask(value, module._buffers[self.mask_name], self.apply_method)
+        mask = module._buffers[self.mask_name]
+        bits = None
+        if self.apply_method == "mul" and value.element_size() in mask_math._INT_OF_SIZE:
+            # Rebuilt when the buffer is replaced (compress, .to(), load_state_dict) or
+            # changed in place (its version counter moves).
+            key = (mask._version, value.dtype)
+            cached = self._bits
+            if cached is not None and cached[0] is mask and cached[1] == key:
+                bits = cached[2]
+            else:
+                bits = mask_math.mask_bits(mask, value.dtype)
+                self._bits = (mask, key, bits)
+        return mask_math.apply_mask(value, mask, self.apply_method, bits=bits)
+
+    def __getstate__(self) -> dict[str, object]:
+        # Not pickled or deep-copied: torch.save(model) must not carry a second copy of the mask.
+        return {**self.__dict__, "_bits": None}
 
     def bake(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
         return mask_math.apply_mask(value, module._buffers[self.mask_name], self.apply_method)
 
     def _observe(self, module: nn.Module, value: torch.Tensor) -> None:
         with torch.no_grad():
-            channels = value.detach().abs().reshape(-1, value.shape[-1])
+            detached = value.detach()
+            values = detached.abs() if self.statistic == "abs" else detached.square()
+            channels = values.reshape(-1, value.shape[-1])
             stat = module._buffers.get(self.stat_name)
             total = channels.sum(0, dtype=torch.float64)
             if stat is None or stat.shape[0] != value.shape[-1] + 1:
@@ -69,6 +98,11 @@ class Pruner(Compressor):
 
     kind: ClassVar[str] = "pruning"
     default_granularity: ClassVar[str] = "out_channel"
+    activation_statistic: ClassVar[str | None] = "abs"
+    """What is observed on input/output targets for :meth:`metric`: ``"abs"`` (mean ``|x|`` per
+    channel), ``"square"`` (mean ``x**2``) or ``None`` (the method computes its own)."""
+    prunes_activations: ClassVar[bool] = True
+    """Whether the method has a metric for inputs/outputs (they can always be pruned by align)."""
 
     def __init__(self, model: nn.Module, records: list[TargetRecord], params: Any, *, method: str) -> None:
         super().__init__(model, records, params, method=method)
@@ -76,6 +110,11 @@ class Pruner(Compressor):
         self._blocks: dict[Key, tuple[int, ...]] = {}
         self._sources: dict[Key, Key] = {}
         self._handlers: dict[Key, MaskHandler] = {}
+        self.ratio_scale = 1.0
+        """Scales every ``sparse_ratio`` (and ``min_sparse_ratio``); schedules lower it."""
+        self.scheduled = False
+        """Set by a schedule (``linear``, ``agp``) wrapping this pruner: the schedule decides
+        when masks change, so a method's own timing in :meth:`step` is off."""
 
     # -- hooks for subclasses --------------------------------------------------------------
 
@@ -114,6 +153,13 @@ class Pruner(Compressor):
                 shape = tuple(getattr(self.module(record), record.target_name).shape)
                 activation = False
             else:
+                if not self.prunes_activations:
+                    raise ConfigError(
+                        f"'{self.method}' has no metric for inputs/outputs; prune them with align",
+                        entry=record.entry,
+                        key=f"target_settings.{record.target_name}",
+                        module=record.module_name,
+                    )
                 if not isinstance(granularity, str) or granularity not in ("per_channel",):
                     raise ConfigError(
                         "inputs/outputs are pruned per_channel (the last dimension); "
@@ -220,7 +266,9 @@ class Pruner(Compressor):
                 if attribute == "dependency_group_id" and record.target.is_tensor_attribute and first.target.is_tensor_attribute:
                     shape_a = self._grid_shape(first)
                     shape_b = self._grid_shape(record)
-                    if shape_a != shape_b:
+                    # Channel grids compare by their channels alone: an Embedding's [1, C]
+                    # (in_channel) matches a Linear's [C, 1] (out_channel).
+                    if _squeeze(shape_a) != _squeeze(shape_b):
                         raise ConfigError(
                             f"dependency_group_id {group!r}: prunable positions differ "
                             f"({list(shape_a)} at {first.module_name}.{first.target_name}, {list(shape_b)} here)",
@@ -245,10 +293,11 @@ class Pruner(Compressor):
             placeholder = torch.ones(1, dtype=torch.bool, device=_device_of(module, record))
         mask_name = wrapper.register_state(module, record.target_name, "pruning", "mask", placeholder)
         stat_name = None
-        if not record.target.is_tensor_attribute and record.settings.align is None:
+        statistic = self.activation_statistic
+        if not record.target.is_tensor_attribute and record.settings.align is None and statistic is not None:
             stat_name = f"{record.target_name}__pruning_stat"
             wrapper.state_names.append(stat_name)
-        handler = MaskHandler(mask_name, record.settings.apply_method, stat_name)
+        handler = MaskHandler(mask_name, record.settings.apply_method, stat_name, statistic or "abs")
         self._handlers[key] = handler
         return handler
 
@@ -263,17 +312,28 @@ class Pruner(Compressor):
         self.update_masks()
         return self.masks()
 
-    def update_masks(self, ratio_scale: float = 1.0) -> None:
-        """Recompute masks; ``ratio_scale`` scales every ratio (used by schedules)."""
+    def update_masks(self, ratio_scale: float | None = None) -> None:
+        """Recompute masks from the current metric and write them into the model.
+
+        :param ratio_scale: scales every ``sparse_ratio`` and ``min_sparse_ratio`` (schedules
+            use it); ``None`` uses :attr:`ratio_scale`. Thresholds and ``max_sparse_ratio``
+            are not scaled.
+        """
+        if ratio_scale is None:
+            ratio_scale = self.ratio_scale
         requests = []
         for record in self.records:
             key = (record.module_name, record.target_name)
             if key in self._sources:
                 continue
             settings: PruningSetting = record.settings
-            value = self._metric_input(record)
+            value = self.metric_input(record)
             block = self._blocks[key] if record.target.is_tensor_attribute else (1,)
             metric = self.metric(record, value, block).to(torch.float32)
+            if settings.internal_metric_block is not None:
+                # Chunks (heads, conv groups) are consecutive channels: rank them on the flat
+                # grid, e.g. (out_channels,) for an out_channel grid of shape (C, 1, 1, 1).
+                metric = metric.reshape(-1)
             ratio = settings.sparse_ratio
             requests.append(
                 mask_math.MaskRequest(
@@ -282,7 +342,9 @@ class Pruner(Compressor):
                     block_numel=math.prod(block),
                     sparse_ratio=None if ratio is None else min(1.0, ratio * ratio_scale),
                     sparse_threshold=settings.sparse_threshold,
-                    min_sparse_ratio=settings.min_sparse_ratio,
+                    min_sparse_ratio=(
+                        None if settings.min_sparse_ratio is None else min(1.0, settings.min_sparse_ratio * ratio_scale)
+                    ),
                     max_sparse_ratio=settings.max_sparse_ratio,
                     global_group_id=settings.global_group_id,
                     dependency_group_id=settings.dependency_group_id,
@@ -300,7 +362,8 @@ class Pruner(Compressor):
                 continue
             shape = self._shape(record, grids[key])
             block = self._blocks[key] if record.target.is_tensor_attribute else (1,)
-            computed[key] = (mask_math.expand_mask(grids[key], block, shape), shape)
+            grid = grids[key].reshape(tuple(s // b for s, b in zip(shape, block)))
+            computed[key] = (mask_math.expand_mask(grid, block, shape), shape)
         pending = [k for k in self._sources]
         while pending:
             for key in list(pending):
@@ -323,7 +386,12 @@ class Pruner(Compressor):
             device = module._buffers[handler.mask_name].device
             module._buffers[handler.mask_name] = mask.to(device)
 
-    def _metric_input(self, record: TargetRecord) -> torch.Tensor:
+    def metric_input(self, record: TargetRecord) -> torch.Tensor:
+        """What :meth:`metric` ranks: the parameter, or the observed activation statistic.
+
+        Activation statistics are summed over ``torch.distributed`` ranks first, so that
+        every rank computes the mask of the union of the data.
+        """
         module = self.module(record)
         if record.target.is_tensor_attribute:
             return getattr(module, record.target_name).detach()
@@ -336,6 +404,7 @@ class Pruner(Compressor):
                 key=f"target_settings.{record.target_name}",
                 module=record.module_name,
             )
+        stat = all_reduce_sum_(stat.clone())
         return (stat[:-1] / stat[-1].clamp(min=1)).to(torch.float32)
 
     def _shape(self, record: TargetRecord, grid: torch.Tensor) -> tuple[int, ...]:
@@ -354,6 +423,10 @@ class Pruner(Compressor):
                 mask = mask.expand(getattr(module, record.target_name).shape)
             result.setdefault(record.module_name, {})[record.target_name] = mask
         return result
+
+
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n for n in shape if n != 1)
 
 
 def _device_of(module: nn.Module, record: TargetRecord) -> torch.device:
