@@ -141,6 +141,11 @@ def list_methods() -> list[dict[str, Any]]:
 
 
 def _structure_params(compressor_cls: type, params: Mapping[str, Any], method: str) -> Any:
+    # A method whose parameters depend on another method's (the pruning schedules take
+    # `pruner=<name>` plus that method's own parameters) structures them itself.
+    custom = getattr(compressor_cls, "structure_params", None)
+    if callable(custom):
+        return custom(params, method)
     params_cls = compressor_cls.params_cls
     if params_cls is None:
         if params:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from compress_core import PluginRegistry, hookimpl
 
 from .level import LevelPruner
+from .movement import MovementPruner
+from .norm import FPGMPruner, L1NormPruner, L2NormPruner
+from .schedule import AGPPruner, LinearPruner
+from .slim import SlimPruner
+from .taylor import TaylorPruner
 
 # Every key is listed so that shorthand keys reach the weight (spec: "Common Keys in Config").
 _RATIO_TARGET = {
@@ -43,6 +48,54 @@ def compress_register_methods(registry: PluginRegistry) -> None:
         LevelPruner,
         summary="element-wise magnitude pruning: masks the smallest |w|",
         aliases=("LevelPruner",),
+    )
+    registry.add_method(
+        "l1_norm",
+        L1NormPruner,
+        summary="structured pruning by the L1 norm of each channel/block (Li et al. 2017)",
+        aliases=("L1NormPruner",),
+    )
+    registry.add_method(
+        "l2_norm",
+        L2NormPruner,
+        summary="structured pruning by the L2 norm of each channel/block",
+        aliases=("L2NormPruner",),
+    )
+    registry.add_method(
+        "fpgm",
+        FPGMPruner,
+        summary="prunes the filters nearest the geometric median of their layer (He et al. 2019)",
+        aliases=("FPGMPruner",),
+    )
+    registry.add_method(
+        "slim",
+        SlimPruner,
+        summary="trains per-channel scaling factors with an L1 penalty, prunes the smallest (Liu et al. 2017)",
+        aliases=("SlimPruner",),
+    )
+    registry.add_method(
+        "taylor",
+        TaylorPruner,
+        summary="first-order Taylor importance (w * grad)^2 accumulated while training (Molchanov et al. 2019)",
+        aliases=("TaylorPruner", "TaylorFOWeightPruner"),
+    )
+    registry.add_method(
+        "movement",
+        MovementPruner,
+        summary="trainable movement scores with a cubic sparsity schedule (Sanh et al. 2020)",
+        aliases=("MovementPruner",),
+    )
+    registry.add_method(
+        "linear",
+        LinearPruner,
+        summary="raises another pruner's ratios linearly over interval_steps x total_times steps",
+        aliases=("LinearPruner",),
+    )
+    registry.add_method(
+        "agp",
+        AGPPruner,
+        summary="automated gradual pruning: another pruner's ratios follow 1 - (1 - t/T)^3",
+        aliases=("AGPPruner",),
     )
 
 
