@@ -1,5 +1,5 @@
 """Built-in distillation plugin of compress-core (``distillation`` entry point).
 
-Today it supplies the distillation default (``_output_`` of any module); the methods
-(dynamic_layerwise, adaptive1d_layerwise) are registered here as they land.
+Methods ``dynamic_layerwise`` and ``adaptive1d_layerwise`` (NNI's class names as aliases), and
+the distillation default: ``_output_`` of any module. See ``docs/distillation.md``.
 """
