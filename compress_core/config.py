@@ -27,11 +27,11 @@ from .errors import ConfigError
 
 __all__ = [
     "COMMON_KEYS",
+    "KINDS",
     "AlignSetting",
     "DistillationSetting",
     "EntryCommon",
     "Kind",
-    "KINDS",
     "PruningSetting",
     "QuantizationSetting",
     "SettingError",

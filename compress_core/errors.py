@@ -6,7 +6,7 @@ attributes as well as in its text, so that callers and tests can inspect it.
 
 from __future__ import annotations
 
-__all__ = ["CompressError", "ConfigError", "PluginError", "UnknownMethodError", "ConfigWarning"]
+__all__ = ["CompressError", "ConfigError", "ConfigWarning", "PluginError", "UnknownMethodError"]
 
 
 class CompressError(Exception):

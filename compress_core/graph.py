@@ -165,7 +165,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...], *, method: str = 
                 ) from error
         try:
             exported = torch.export.export(model, example_inputs, strict=False)
-        except Exception as export_error:  # noqa: BLE001  # export raises many unrelated types
+        except Exception as export_error:  # export raises many unrelated types
             try:
                 traced = fx.symbolic_trace(model)
                 with torch.no_grad():

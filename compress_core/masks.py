@@ -584,24 +584,24 @@ def _greedy_take(cands: Sequence[Tensor], weights: Sequence[int], budget: int) -
     v_star: Tensor | None = None
     pivots_per_round = max(_PIVOTS, _PIVOTS_PER_TARGET * len(cands))
     while True:
-        window = sum(r - l for l, r in zip(lefts, rights))
+        window = sum(right - left for left, right in zip(lefts, rights))
         if window == 0:
             break
         parts = []
-        for c, l, r in zip(cands, lefts, rights):
-            if r > l:
+        for c, left, right in zip(cands, lefts, rights):
+            if right > left:
                 if window <= pivots_per_round:
-                    parts.append(c[l:r])
+                    parts.append(c[left:right])
                 else:
-                    k = max(1, math.ceil(pivots_per_round * (r - l) / window))
-                    parts.append(c[l + torch.arange(k, device=device) * (r - l) // k])
+                    k = max(1, math.ceil(pivots_per_round * (right - left) / window))
+                    parts.append(c[left + torch.arange(k, device=device) * (right - left) // k])
         pivots = torch.unique(torch.cat(parts))  # sorted, distinct
         at_most = torch.stack(
             [torch.searchsorted(c, pivots, right=True) for c in cands]
         )  # (targets, pivots): cells <= each pivot
         fits = int(torch.count_nonzero((w[:, None] * at_most).sum(0) <= budget))
         if fits > 0:
-            lefts = [max(l, int(n)) for l, n in zip(lefts, at_most[:, fits - 1].tolist())]
+            lefts = [max(left, int(n)) for left, n in zip(lefts, at_most[:, fits - 1].tolist())]
         if fits < pivots.numel():
             v_star = pivots[fits]
             below = [int(torch.searchsorted(c, v_star.reshape(1))) for c in cands]

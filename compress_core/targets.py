@@ -17,7 +17,7 @@ import attrs
 import torch
 import torch.nn as nn
 
-__all__ = ["TargetRef", "resolve_target", "get_input", "set_input", "map_output"]
+__all__ = ["TargetRef", "get_input", "map_output", "resolve_target", "set_input"]
 
 INPUT_PREFIX = "_input_"
 OUTPUT_PREFIX = "_output_"

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .targets import TargetRef, get_input, map_output, set_input
 
-__all__ = ["KIND_ORDER", "Handler", "ModuleWrapper", "get_wrapper", "wrap", "wrappers", "unwrap"]
+__all__ = ["KIND_ORDER", "Handler", "ModuleWrapper", "get_wrapper", "unwrap", "wrap", "wrappers"]
 
 KIND_ORDER = ("pruning", "quantization", "distillation")
 _ATTRIBUTE = "_compress_wrapper"
