@@ -56,3 +56,20 @@ def compress_register_defaults(registry: PluginRegistry) -> None:
     :param registry: the registry, bound to this plugin.
     :return: nothing; settings are validated against the kind's settings class at once.
     """
+
+
+@hookspec
+def compress_register_replacers(registry: PluginRegistry) -> None:
+    """Teach speedup how to shrink module types it does not know.
+
+    Called once when the plugin loads, after ``compress_register_defaults``. Call
+    ``registry.add_module_replacer(module_type, fn)``; ``fn(module, keep) -> nn.Module`` gets
+    the module and ``keep`` (``{tensor_name: {dim: bool mask}}`` for its own parameters and
+    buffers that shrink; empty when only a submodule changed) and returns the smaller module,
+    which speedup puts back under the same dotted name. Replacers are looked up along the
+    class's MRO before speedup's built-ins for ``torch.nn`` layers.
+
+    :param registry: the registry, bound to this plugin.
+    :return: nothing; a module type that another plugin claimed already is an error naming
+        both plugins.
+    """

@@ -38,7 +38,7 @@ BLOCK_ENV = "COMPRESS_CORE_BLOCK_PLUGINS"
 """Comma-separated plugin names that are never loaded."""
 
 _METHOD_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_HOOKS = ("compress_register_methods", "compress_register_defaults")
+_HOOKS = ("compress_register_methods", "compress_register_defaults", "compress_register_replacers")
 
 
 class PluginWarning(UserWarning):
@@ -84,6 +84,7 @@ class PluginRegistry:
         self.plugin = plugin
         self.methods: list[MethodInfo] = []
         self.defaults: list[tuple[str, type, dict[str, dict[str, Any]]]] = []
+        self.replacers: list[tuple[type, Any]] = []
 
     def add_method(
         self,
@@ -144,6 +145,19 @@ class PluginRegistry:
                 raise PluginError(f"{module_type!r} is not an nn.Module class", plugin=self.plugin.name)
             self.defaults.append((kind, module_type, checked))
 
+    def add_module_replacer(self, module_type: type, fn: Any) -> None:
+        """Register ``fn(module, keep) -> nn.Module`` to shrink ``module_type`` in speedup.
+
+        See :func:`compress_core.hookspecs.compress_register_replacers`.
+        """
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise PluginError(f"{module_type!r} is not an nn.Module class", plugin=self.plugin.name)
+        if not callable(fn):
+            raise PluginError(
+                f"the replacer for {module_type.__name__} is not callable", plugin=self.plugin.name
+            )
+        self.replacers.append((module_type, fn))
+
 
 class PluginHost:
     """Owns the pluggy manager, the loaded plugins and what they registered."""
@@ -155,6 +169,8 @@ class PluginHost:
         self.methods: dict[str, MethodInfo] = {}
         self._aliases: dict[str, str] = {}
         self._defaults: dict[tuple[str, type], tuple[str, dict[str, dict[str, Any]]]] = {}
+        self.replacers: dict[type, tuple[str, Any]] = {}
+        """``module type -> (plugin, replacer)`` for speedup."""
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -239,11 +255,20 @@ class PluginHost:
                     f"{kind} defaults for {module_type.__name__} are already registered by plugin '{other}'",
                     plugin=owner,
                 )
+        for module_type, _ in registry.replacers:
+            if module_type in self.replacers:
+                raise PluginError(
+                    f"a speedup replacer for {module_type.__name__} is already registered "
+                    f"by plugin '{self.replacers[module_type][0]}'",
+                    plugin=owner,
+                )
         for method in registry.methods:
             self.methods[method.name] = method
         self._aliases.update(seen)
         for kind, module_type, targets in registry.defaults:
             self._defaults[(kind, module_type)] = (owner, targets)
+        for module_type, fn in registry.replacers:
+            self.replacers[module_type] = (owner, fn)
 
     def _fail(self, info: PluginInfo, message: str, exc: BaseException | None) -> None:
         info.status = "error"
