@@ -89,10 +89,12 @@ def warn_config(message: str) -> None:
     """Emit a :class:`ConfigWarning` attributed to the first caller outside compress-core."""
     import os
     import sys
+    import types
     import warnings
 
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
         frame = frame.f_back
         level += 1

@@ -89,13 +89,13 @@ class Orchestrator:
                 wrapper.add(record.target, record.kind, handler, f"{label} config_list[{record.entry}]")
         except BaseException:
             for module, target in reversed(touched):
-                wrapper = get_wrapper(module)
-                if wrapper is not None:
-                    wrapper.remove(module, target, compressor.kind)
+                found = get_wrapper(module)
+                if found is not None:
+                    found.remove(module, target, compressor.kind)
             for module in created:
-                wrapper = get_wrapper(module)
-                if wrapper is not None:
-                    wrapper.uninstall(module)
+                found = get_wrapper(module)
+                if found is not None:
+                    found.uninstall(module)
             raise
 
     # -- the training-loop facade ----------------------------------------------------------
@@ -140,7 +140,7 @@ def list_methods() -> list[dict[str, Any]]:
     ]
 
 
-def _structure_params(compressor_cls: type, params: Mapping[str, Any], method: str) -> Any:
+def _structure_params(compressor_cls: type[Compressor], params: Mapping[str, Any], method: str) -> Any:
     # A method whose parameters depend on another method's (the pruning schedules take
     # `pruner=<name>` plus that method's own parameters) structures them itself.
     custom = getattr(compressor_cls, "structure_params", None)

@@ -7,7 +7,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import importlib_metadata
@@ -17,6 +17,9 @@ import torch.nn as nn
 from . import hookspecs
 from .config import KINDS, structure_setting
 from .errors import ConfigError, PluginError, UnknownMethodError
+
+if TYPE_CHECKING:
+    from .compressor import Compressor
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -49,7 +52,7 @@ class PluginWarning(UserWarning):
 class MethodInfo:
     name: str
     kind: str
-    compressor: type
+    compressor: type[Compressor]
     summary: str
     aliases: tuple[str, ...]
     plugin: str
