@@ -1,4 +1,4 @@
-"""The ``compress`` command line: ``compress plugins`` and ``compress explain``."""
+"""The ``compress`` command line: ``compress plugins``, ``compress explain`` and ``compress run``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--method", default=None, help="method name (decides the kind and method-specific keys)")
     explain.add_argument("--json", action="store_true", help="print the records as JSON")
 
+    run = sub.add_parser("run", help="run a run file: train, compress, evaluate, export, report")
+    run.add_argument("run_file", help="run file (.yaml/.yml/.json); see docs/run.md")
+    run.add_argument("--output", default=None, help="output folder (overrides the run file's 'output')")
+    run.add_argument("--quiet", action="store_true", help="no progress bars, no log, no table")
+
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     try:
         if args.command == "plugins":
             return _plugins(args.json)
@@ -39,6 +46,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .runner import run_file
+
+    # Config errors exit 2 (like the other commands); anything failing during the run exits 1.
+    try:
+        run_file(args.run_file, output=args.output, quiet=args.quiet)
+    except ConfigError as exc:
+        print(f"compress: error: {args.run_file}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compress: error: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"compress: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _plugins(as_json: bool) -> int:

@@ -322,9 +322,16 @@ def _make_converter() -> cattrs.Converter:
             return tuple(value)
         raise ValueError(f"must be a module name or a list of module names, got {_describe(value)}")
 
+    def structure_bool(value: Any, _: type) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {_describe(value)}")
+        return value
+
     conv.register_structure_hook(str, structure_str)
     conv.register_structure_hook(float, structure_float)
     conv.register_structure_hook(int, structure_int)
+    # bool subclasses int, so without its own hook it would dispatch to (and fail in) the int hook.
+    conv.register_structure_hook(bool, structure_bool)
     for alias, hook in (
         (GroupId, structure_group_id),
         (Granularity, structure_granularity),
