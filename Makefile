@@ -5,7 +5,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-slow
+.PHONY: setup demo quickstart test test-fast test-slow
 
 $(STAMP): pyproject.toml constraints.txt examples/third_party_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(STAMP): pyproject.toml constraints.txt examples/third_party_plugin/pyproject.t
 
 setup: $(STAMP)
 
-## The main job: list plugins, train a small CNN on real digits, prune it, print the results.
+## The main job: the MNIST pipeline of examples/mnist/run.yaml (train, prune 50% of channels with
+## automatic dependency ids, speed up, distil, quantize int8, export ONNX), results in out/mnist.
 demo: $(STAMP)
 	$(VENV)/bin/compress plugins
+	$(VENV)/bin/compress run examples/mnist/run.yaml
+
+## The smaller first example: level pruning of a CNN on scikit-learn's digits.
+quickstart: $(STAMP)
 	$(VENV)/bin/python examples/quickstart/run.py
 
 ## The whole suite (slow tests included), as CI runs it.
