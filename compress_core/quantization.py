@@ -14,6 +14,7 @@ Handlers expose their parameters to the exporter and to the compact checkpoint t
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Protocol, runtime_checkable
 
@@ -177,23 +178,90 @@ def dequantize(q: torch.Tensor, params: QuantParams) -> torch.Tensor:
 def fake_quantize(value: torch.Tensor, params: QuantParams) -> torch.Tensor:
     """Quantize and dequantize ``value``; the gradient is the clipped straight-through estimate.
 
-    Per-tensor uses torch's fused kernel; per-channel and blocks broadcast tensor ops. During
-    ONNX export this becomes QuantizeLinear/DequantizeLinear.
+    Per-tensor matches torch's fused kernel (``fake_quantize_per_tensor_affine``) bit for bit;
+    per-channel and blocks divide by the broadcast scale. During ONNX export this becomes
+    QuantizeLinear/DequantizeLinear.
     """
     if torch.onnx.is_in_onnx_export():
         return _export_qdq(value, params)
-    if params.block is None and (params.axis is None or params.scale.dim() == 0):
+    per_tensor = params.block is None and (params.axis is None or params.scale.dim() == 0)
+    fast = value.device.type == "cpu" and value.dtype == torch.float32 and value.numel() > 0
+    if per_tensor and not fast:
         zero_point = params.zero_point.round().to(torch.int32).reshape(())
         scale = params.scale.to(torch.float32).reshape(())
         return torch.fake_quantize_per_tensor_affine(
             value, scale, zero_point, params.qmin, params.qmax
         )
-    # Per-channel and blocks: broadcast tensor ops (torch's per-channel kernel is several
-    # times slower than these on CPU, which would dominate a QAT step).
+    if per_tensor:
+        # torch's fused CPU kernel is scalar code (~6 ns per element, and its bool-mask
+        # backward as much again), the largest cost of a QAT step. The same arithmetic as
+        # vectorized tensor ops: it multiplies by the float32 reciprocal of the scale, so this
+        # is bitwise its result.
+        scale = params.scale
+        if scale.dtype != torch.float32 or scale.dim() != 0:
+            scale = scale.to(torch.float32).reshape(())
+        # Python's round() is half-to-even like torch.round, and costs no tensor op.
+        zero_point = float(params.zero_point)
+        if math.isfinite(zero_point):
+            zero_point = float(round(zero_point))
+        return _PerTensorFakeQuantize.apply(
+            value, scale, params.qmin - zero_point, params.qmax - zero_point
+        )
+    # Per-channel and blocks: torch's per-channel kernel is several times slower than
+    # broadcast tensor ops on CPU.
     scale, zero_point = params.broadcast(value)
     return _BroadcastFakeQuantize.apply(
         value, scale.to(value.dtype), zero_point.round().to(value.dtype), params.qmin, params.qmax
     )
+
+
+def _clip(q: torch.Tensor, low: float, high: float) -> torch.Tensor | None:
+    """Clamp the integer grid ``q`` to ``[low, high]`` in place; the mask of unclipped elements.
+
+    ``None`` when nothing is clipped, the usual case for weights (their range is the
+    observed one): then one min/max pass replaces two comparisons, a clamp, and a mask
+    multiply in backward.
+    """
+    if q.device.type == "cpu":
+        # The check reads two numbers back; on an accelerator that would be a host sync.
+        lo, hi = torch.aminmax(q)
+        if float(lo) >= low and float(hi) <= high:
+            return None
+    inside = (q >= low) & (q <= high)
+    q.clamp_(low, high)
+    return inside
+
+
+def _masked_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    if not ctx.clipped:
+        return grad
+    (inside,) = ctx.saved_tensors
+    # A float mask: multiplying by a bool tensor takes a slow type-promoting path on CPU; the
+    # product (including the sign of the zeros) is the same.
+    return grad * inside.to(grad.dtype)
+
+
+class _PerTensorFakeQuantize(torch.autograd.Function):
+    """``(clamp(round(x * (1/s)), low, high)) * s`` with the clipped straight-through gradient.
+
+    ``low``/``high`` are ``qmin - zero_point`` and ``qmax - zero_point``: on the integer grid,
+    ``clamp(q + z, qmin, qmax) - z`` is exactly this.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: torch.Tensor, scale: torch.Tensor, low: float, high: float
+    ) -> torch.Tensor:  # type: ignore[override]
+        q = torch.mul(value, torch.reciprocal(scale)).round_()
+        inside = _clip(q, low, high)
+        ctx.clipped = inside is not None
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return _masked_grad(ctx, grad), None, None, None
 
 
 class _BroadcastFakeQuantize(torch.autograd.Function):
@@ -209,14 +277,15 @@ class _BroadcastFakeQuantize(torch.autograd.Function):
         qmax: int,
     ) -> torch.Tensor:  # type: ignore[override]
         q = torch.round(value / scale).add_(zero_point)
-        inside = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(inside)
-        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        inside = _clip(q, qmin, qmax)
+        ctx.clipped = inside is not None
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        return q.sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        return _masked_grad(ctx, grad), None, None, None, None
 
 
 def fake_quantize_learnable(

@@ -20,7 +20,7 @@ from compress_core.quantization import (
 )
 from compress_core.wrapper import ModuleWrapper
 
-from .quantizer import QuantHandler, Quantizer, QuantizerParams, state
+from .quantizer import QuantHandler, Quantizer, QuantizerParams, row_range, state
 
 __all__ = ["Bnn", "DoReFa", "Lsq", "LsqPlus", "Ptq", "Qat"]
 
@@ -115,7 +115,7 @@ class _LearnedHandler(QuantHandler):
         with torch.no_grad():
             rows = self.reduce_dims(value.to(torch.float32))
             if self.plus:
-                lo, hi = torch.aminmax(rows, dim=1)
+                lo, hi = row_range(rows)
                 s, z = affine_qparams(lo, hi, self.qmin, self.qmax)
                 zero_point.copy_(z.reshape(zero_point.shape))
             else:

