@@ -502,15 +502,35 @@ class _Propagation:
 
         for a, b in self.ties:
             union(a, b)
-        for src, gi, dst, gj in self.reshapes:
-            for d in gi[1:]:
-                union((src, gi[0]), (src, d))
-            for d in gj:
-                union((src, gi[0]), (dst, d))
         for out, dim, pieces in self.cats:
             for name, _, _ in pieces:
                 union((out, dim), (name, dim))
         sourced = {find(d) for d in self.pins | self.sources}
+        # A reshape is not a tie: flattening [B, C, H, W] to [B, C*H*W] must not make the
+        # spatial dims "reached" because the channels are. A merged dim is reached when one of
+        # its parts is; the parts of a split (heads x head_dim) when the merged dim they come
+        # from is; dims on both sides of a many-to-many regrouping all together.
+        changed = True
+        while changed:
+            changed = False
+            for src, gi, dst, gj in self.reshapes:
+                before = [find((src, d)) for d in gi]
+                after = [find((dst, d)) for d in gj]
+                implied: list[Dim] = []
+                if len(after) == 1:
+                    if any(r in sourced for r in before):
+                        implied = after
+                elif len(before) == 1:
+                    if before[0] in sourced:
+                        implied = after
+                    elif any(r in sourced for r in after):
+                        implied = before
+                elif any(r in sourced for r in before + after):
+                    implied = before + after
+                new = set(implied) - sourced
+                if new:
+                    sourced |= new
+                    changed = True
         for name, masks in self.keep.items():
             for d in range(len(masks)):
                 if find((name, d)) not in sourced:

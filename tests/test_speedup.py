@@ -542,3 +542,35 @@ def test_a_plugin_replacer_updates_a_stored_head_count():
     small = speedup(model, masks, (x,), host=host)
     assert small.self_attn.num_heads == 3 and small.self_attn.o_proj.in_features == 24
     assert rel_err(small(x), baked(model, masks)(x)) < 1e-5
+
+
+@pytest.mark.parametrize("capture", ["export", "eager"])
+def test_flatten_into_linear_keeps_the_spatial_positions_of_kept_channels(capture):
+    # conv -> flatten(1) -> Linear: the Linear's inputs are channel-major blocks of H*W columns.
+    # Pruning channels must remove exactly those blocks, not the spatial positions too.
+    torch.manual_seed(0)
+
+    class ConvFlattenLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1, stride=2)
+            self.fc = nn.Linear(4 * 2 * 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    model = ConvFlattenLinear().eval()
+    keep = torch.tensor([True, False, True, False])
+    masks = {"conv": {"weight": keep[:, None, None, None].expand(4, 1, 3, 3), "bias": keep}}
+    x = torch.randn(5, 1, 4, 4)
+    small = compress_core.speedup(model, masks, (x,), capture_method=capture)
+    assert small.conv.out_channels == 2
+    columns = keep.repeat_interleave(4)  # channel c owns columns 4c..4c+3 after flatten
+    assert small.fc.in_features == 8
+    torch.testing.assert_close(small.fc.weight, model.fc.weight[:, columns])
+    masked = F.linear(
+        torch.relu(F.conv2d(x, model.conv.weight * keep[:, None, None, None], model.conv.bias * keep, stride=2, padding=1)).flatten(1),
+        model.fc.weight,
+        model.fc.bias,
+    )
+    torch.testing.assert_close(small(x), masked, rtol=1e-5, atol=1e-6)
