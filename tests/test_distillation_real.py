@@ -77,43 +77,70 @@ def fine_tune(
     return student
 
 
+@pytest.fixture
+def one_thread():
+    """Batches of 64 tiny images: two intra-op threads only wait on each other, and on a busy
+    2-core machine they spin (measured 21 s vs 3.3 s for the teacher's training)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_mnist_pruned_student_recovers_with_distillation():
-    from examples.models.mnist_teacher import load_mnist, slice_channels
+def test_mnist_pruned_student_recovers_with_distillation(one_thread):
+    from examples.models.mnist_teacher import load_mnist
 
     x_train, y_train, x_test, y_test = load_mnist()
     teacher = train_teacher(x_train, y_train, epochs=5)
     teacher_acc = accuracy(teacher, x_test, y_test)
     assert teacher_acc > 0.9
 
-    # Half of the channels of both convs by L1 norm, then a physically smaller student.
-    # TODO(issue 4): build it with compress_core.speedup once it lands, instead of by hand.
-    methods = {m["name"] for m in compress_core.list_methods()}
-    method = "l1_norm" if "l1_norm" in methods else "level"
+    # Half of the output channels of both convs by L1 norm, then speedup for the physically
+    # smaller student: the pipeline a user runs, not a hand-built copy.
+    example = (x_train[:2],)
     masked = copy.deepcopy(teacher)
-    masks = compress_core.create(
-        method, masked, [{"op_names": ["conv1", "conv2"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
-    ).compress()
-    keep1 = masks["conv1"]["weight"][:, 0, 0, 0].nonzero().flatten().tolist()
-    keep2 = masks["conv2"]["weight"][:, 0, 0, 0].nonzero().flatten().tolist()
-    assert (len(keep1), len(keep2)) == (4, 8)
-    student = slice_channels(teacher, keep1, keep2)
+    config = compress_core.auto_set_dependency_group_ids(
+        masked,
+        [{"op_names": ["conv1", "conv2"], "sparse_ratio": 0.5, "granularity": "out_channel"}],
+        example,
+    )
+    masks = compress_core.create("l1_norm", masked, config).compress()
+    student = compress_core.speedup(masked, masks, example)
+    # speedup works on a copy: the student carries no wrapper, while ``masked`` stays wrapped
+    # and keeps simulating its masks, which is what the comparison below needs.
+    assert not list(compress_core.wrapper.wrappers(student))
+    assert list(compress_core.wrapper.wrappers(masked))
+    assert isinstance(student, type(teacher))
+    assert (student.conv1.out_channels, student.conv2.in_channels, student.conv2.out_channels) == (4, 4, 8)
+    assert student.fc.in_features == 8 * 7 * 7
+    # The channels kept are the largest by L1 norm of their weights, worked out here: conv2's
+    # weight keeps its kept rows and, of those, the columns of conv1's kept channels.
+    top1 = teacher.conv1.weight.abs().sum((1, 2, 3)).topk(4).indices.sort().values
+    top2 = teacher.conv2.weight.abs().sum((1, 2, 3)).topk(8).indices.sort().values
+    assert torch.equal(student.conv1.weight, teacher.conv1.weight[top1])
+    assert torch.equal(student.conv2.weight, teacher.conv2.weight[top2][:, top1])
+    # Independent of speedup's own check: its smaller model on unseen digits against the
+    # wrapped, mask-simulating model it was made from.
     with torch.no_grad():
-        assert torch.allclose(student(x_test[:200]), masked(x_test[:200]), atol=1e-4)
+        expected, got = masked(x_test[:200]), student(x_test[:200])
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
     pruned_acc = accuracy(student, x_test, y_test)
 
-    steps = 100
+    steps = 200
     plain_acc = accuracy(fine_tune(student, None, x_train, y_train, steps), x_test, y_test)
     distil_acc = accuracy(fine_tune(student, teacher, x_train, y_train, steps), x_test, y_test)
     print(
         f"\nMNIST ({len(x_train)} train / {len(x_test)} test real digits): teacher {teacher_acc:.3f}, "
-        f"pruned 50% of channels ({method}) {pruned_acc:.3f}, fine-tuned {steps} steps: plain "
+        f"pruned 50% of channels (l1_norm + speedup) {pruned_acc:.3f}, fine-tuned {steps} steps: plain "
         f"{plain_acc:.3f}, distilled (kl on logits) {distil_acc:.3f}, gap {distil_acc - plain_acc:+.3f}"
     )
-    # Measured on 2 CPU cores: teacher 0.952, pruned 0.889, after 100 steps plain 0.942 and
-    # distilled 0.949 (gap +0.007; with 200 steps 0.936 vs 0.956, +0.020). The margin allows 1
-    # point (10 of 1,000 test images) of platform noise, not a systematic loss.
-    assert distil_acc >= plain_acc - 0.01
+    # Measured on 2 CPU cores (torch 2.13): teacher 0.952, pruned student 0.889 before
+    # fine-tuning (4 and 8 channels left), after 200 steps plain 0.936 and distilled 0.956: gap
+    # +0.020 (20 of 1,000 test digits). With 100 steps 0.942 vs 0.949 (+0.007); with other data
+    # orders (seeds 3, 4) at 200 steps +0.010 and +0.010. Asserting half the measured gap leaves
+    # 10 digits for platform noise while still failing if distillation stops helping.
+    assert distil_acc >= plain_acc + 0.010
     assert plain_acc > pruned_acc and distil_acc > pruned_acc
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in teacher.modules())
 
