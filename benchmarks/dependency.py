@@ -20,12 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from compress_core.dependency import _Analysis
 from compress_core.graph import capture
+
+# Run as `python benchmarks/<name>.py` from anywhere: the shared models live in examples/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE_S = {"resnet_small": 0.03, "mobilenet_v2": 0.13, "minilm": 0.12}
 

@@ -30,8 +30,10 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +41,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress_core
+
+# Run as `python benchmarks/<name>.py` from anywhere: the shared models live in examples/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
