@@ -202,22 +202,9 @@ def load_factory(spec: str) -> Any:
 
 def load_config(path: str | Path) -> Any:
     """Read a config list from JSON or YAML (a list, or a mapping with ``config_list``)."""
-    from .errors import ConfigError
+    from .config import read_data_file
 
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # both parsers' errors carry line/column in their text
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    data = read_data_file(path)
     if isinstance(data, dict) and "config_list" in data:
         data = data["config_list"]
     return data

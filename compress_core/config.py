@@ -13,9 +13,12 @@ and the key path, e.g. ``config_list[1].target_settings.weight.sparse_ratio: mus
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import os
 import re
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import attrs
@@ -468,3 +471,20 @@ def structure_setting(
         elif prefix:
             path = (prefix,) + path
         raise ConfigError(_message(leaf, known), entry=entry, key=_join(path) or None, module=module) from None
+
+
+def read_data_file(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON or YAML (``.yaml``/``.yml``) file, or raise a ConfigError saying why."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as exc:  # both parsers' errors carry line/column in their text
+        raise ConfigError(f"cannot parse {path}: {exc}") from None

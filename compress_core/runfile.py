@@ -10,14 +10,13 @@ with paths like ``steps[1].config_list[0].sparse_ratio``. See ``docs/run.md``.
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import attrs
 
-from .config import SettingError, field_names, structure_setting
+from .config import SettingError, field_names, read_data_file, structure_setting
 from .errors import ConfigError
 
 __all__ = [
@@ -280,17 +279,4 @@ def load_runfile(path: str | Path) -> RunFile:
     :raises ConfigError: unreadable or unparsable file, unknown keys, bad values.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # both parsers' errors carry line/column in their text
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
-    return parse_runfile(data, base_dir=path.resolve().parent)
+    return parse_runfile(read_data_file(path), base_dir=path.resolve().parent)
