@@ -62,11 +62,9 @@ class ModuleWrapper:
         if (ref.name, kind) in self.owners:
             raise RuntimeError(f"{self.module_name}.{ref.name} already has a {kind} handler")
         self.targets[ref.name] = ref
-        chain = self.handlers.setdefault(ref.name, {})
-        chain[kind] = handler
-        self.handlers[ref.name] = {k: chain[k] for k in KIND_ORDER if k in chain} | {
-            k: v for k, v in chain.items() if k not in KIND_ORDER
-        }
+        chain = {**self.handlers.get(ref.name, {}), kind: handler}
+        # Kinds come from config.KINDS, all of which are in KIND_ORDER.
+        self.handlers[ref.name] = {k: chain[k] for k in KIND_ORDER if k in chain}
         self.owners[(ref.name, kind)] = owner
 
     def remove(self, module: nn.Module, target: str, kind: str) -> None:
