@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch.nn as nn
@@ -221,9 +221,9 @@ def structure_value(value: Any, tp: Any, *, entry: int, key: str) -> Any:
     try:
         return converter.structure(value, tp)
     except Exception as exc:  # cattrs raises ValueError/TypeError or groups of them
-        leaf = exc
+        leaf: BaseException = exc
         while getattr(leaf, "exceptions", None):
-            leaf = leaf.exceptions[0]
+            leaf = cast(Any, leaf).exceptions[0]
         raise ConfigError(str(leaf), entry=entry, key=key) from None
 
 

@@ -72,7 +72,7 @@ def _plugins(as_json: bool) -> int:
     from .registry import get_host
 
     host = get_host()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in sorted(host.plugins.values(), key=lambda p: p.name):
         rows.append(
             {
@@ -97,7 +97,7 @@ def _plugins(as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return 0
-    table = [("plugin", "distribution", "version", "method", "kind", "summary")]
+    table: list[tuple[str, ...]] = [("plugin", "distribution", "version", "method", "kind", "summary")]
     for row in rows:
         dist = (row["distribution"] or "-", row["version"] or "-")
         if row["status"] != "ok":
@@ -132,7 +132,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_record_json(r) for r in records], indent=2))
     else:
-        table = [("module", "type", "target", "entry", "settings")]
+        table: list[tuple[str, ...]] = [("module", "type", "target", "entry", "settings")]
         for record in records:
             table.append(
                 (

@@ -13,13 +13,15 @@ and the key path, e.g. ``config_list[1].target_settings.weight.sparse_ratio: mus
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
+import operator
 import os
 import re
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import attrs
 import cattrs
@@ -280,6 +282,10 @@ KINDS: dict[str, Kind] = {
 # -- the converter --------------------------------------------------------------------------
 
 
+def _none_or(hook: Callable[[Any, Any], Any], value: Any, tp: Any) -> Any:
+    return None if value is None else hook(value, tp)
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -340,10 +346,9 @@ def _make_converter() -> cattrs.Converter:
         (Granularity, structure_granularity),
         (Link, structure_link),
     ):
-        conv.register_structure_hook_func(lambda tp, alias=alias: tp == alias, hook)
+        conv.register_structure_hook_func(functools.partial(operator.eq, alias), hook)
         conv.register_structure_hook_func(
-            lambda tp, alias=alias: tp == Optional[alias],
-            lambda value, tp, hook=hook: None if value is None else hook(value, tp),
+            functools.partial(operator.eq, Optional[alias]), functools.partial(_none_or, hook)
         )
 
     def is_sequence(tp: Any) -> bool:

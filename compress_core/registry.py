@@ -22,12 +22,12 @@ if TYPE_CHECKING:
     from .compressor import Compressor
 
 __all__ = [
-    "ENTRY_POINT_GROUP",
     "ALLOW_ENV",
     "BLOCK_ENV",
+    "ENTRY_POINT_GROUP",
     "MethodInfo",
-    "PluginInfo",
     "PluginHost",
+    "PluginInfo",
     "PluginRegistry",
     "PluginWarning",
     "get_host",
@@ -251,7 +251,7 @@ class PluginHost:
                         plugin=owner,
                     )
                 seen[name.lower()] = method.name
-        for kind, module_type, targets in registry.defaults:
+        for kind, module_type, _ in registry.defaults:
             if (kind, module_type) in self._defaults:
                 other = self._defaults[(kind, module_type)][0]
                 raise PluginError(

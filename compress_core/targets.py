@@ -10,8 +10,8 @@ form where the argument can be passed positionally.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable, Literal
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Callable, Literal, cast
 
 import attrs
 import torch
@@ -147,7 +147,7 @@ def map_output(ref: TargetRef, output: Any, fn: Callable[[torch.Tensor], torch.T
         if key not in output or not isinstance(output[key], torch.Tensor):
             return output
         # ModelOutput keeps attributes and items in sync through __setitem__.
-        output[key] = fn(output[key])
+        cast(MutableMapping, output)[key] = fn(output[key])
         return output
     if isinstance(output, (tuple, list)):
         index = ref.index or 0

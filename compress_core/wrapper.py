@@ -16,8 +16,9 @@ as buffers/parameters named ``<target>__<kind>_<name>``, so ``.to()``, ``state_d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn as nn
@@ -123,10 +124,11 @@ class ModuleWrapper:
         reentered = bool(self._saved)
         try:
             for name, ref in self.targets.items():
+                store: dict[str, Any]
                 if ref.kind == "parameter":
-                    store = module._parameters
+                    store = cast(dict[str, Any], module._parameters)
                 elif ref.kind == "buffer":
-                    store = module._buffers
+                    store = cast(dict[str, Any], module._buffers)
                 elif ref.kind == "input":
                     value = get_input(ref, args, kwargs)
                     if isinstance(value, torch.Tensor):
@@ -154,7 +156,7 @@ class ModuleWrapper:
             return None
         for name, ref in self.targets.items():
             if ref.kind == "output":
-                output = map_output(ref, output, lambda t, name=name: self._compress(module, name, t))
+                output = map_output(ref, output, functools.partial(self._compress, module, name))
         return output
 
     def _on_load_state_dict(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
