@@ -25,7 +25,7 @@ from .selection import check_module_name
 from .targets import resolve_target
 from .wrapper import ModuleWrapper
 
-__all__ = ["Pruner", "MaskHandler"]
+__all__ = ["MaskHandler", "Pruner"]
 
 Key = tuple[str, str]
 
