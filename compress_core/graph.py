@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import torch
@@ -35,9 +35,10 @@ import torch.nn as nn
 
 from .errors import CompressError
 
-__all__ = ["ModuleGraph", "OpNode", "capture"]
+__all__ = ["ModuleGraph", "OpNode", "capture", "capture_and_analyse"]
 
 Shape = tuple[int, ...]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -127,6 +128,43 @@ class ModuleGraph:
 
 
 CAPTURE_METHODS = ("export", "eager")
+ANALYSIS_METHODS = ("auto", *CAPTURE_METHODS)
+"""What analyses built on :func:`capture` accept: ``"auto"`` is :func:`capture_and_analyse`'s fallback."""
+
+
+def capture_and_analyse(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    method: str,
+    analyse: Callable[[ModuleGraph, bool], T | None],
+) -> T:
+    """Capture ``model``'s graph and run ``analyse(graph, last)`` on it.
+
+    With ``method="export"`` or ``"eager"`` the graph comes from :func:`capture` with that
+    method and ``analyse`` is called once with ``last=True``. With ``method="auto"`` the eager
+    capture comes first (``last=False``); the graph is captured again with ``"export"`` (and
+    analysed with ``last=True``) exactly when the eager run raises, or when ``analyse`` returns
+    ``None`` to say that the eager graph has ops it cannot follow. With ``last=True``,
+    ``analyse`` must return a result (or raise) rather than ``None``.
+
+    :raises CompressError: for an unknown method, or when capture fails.
+    """
+    if method not in ANALYSIS_METHODS:
+        raise CompressError(f"unknown capture method {method!r}; use one of {', '.join(ANALYSIS_METHODS)}")
+    if method == "auto":
+        try:
+            eager = capture(model, example_inputs, method="eager")
+        except CompressError:
+            pass  # export may still follow what the recorded forward could not
+        else:
+            result = analyse(eager, False)
+            if result is not None:
+                return result
+        method = "export"
+    result = analyse(capture(model, example_inputs, method=method), True)
+    if result is None:  # a broken analyse; never silently return nothing
+        raise CompressError(f"analysis of the {method} graph gave no result")
+    return result
 
 
 def capture(model: nn.Module, example_inputs: tuple[Any, ...], *, method: str = "export") -> ModuleGraph:

@@ -4,8 +4,9 @@ How it works (see ``docs/speedup.md``):
 
 1. The user's model is deep-copied (the original is never modified, also not on failure),
    wrappers are removed from the copy and the user's masks are baked into it.
-2. The copy's graph is captured with :func:`compress_core.graph.capture` (``torch.export``,
-   falling back to ``torch.fx``) and every tensor dim of every node gets a *keep mask*.
+2. The copy's graph is captured (by default eagerly, with ``torch.export`` as the fallback;
+   see :func:`compress_core.graph.capture_and_analyse`) and every tensor dim of every node
+   gets a *keep mask*.
    Producers (``Linear``/``Conv*``/``ConvTranspose*``/``Embedding``) start their output
    channel dim with the channels their weight mask keeps; model inputs, graph outputs and dims
    that an op creates (spatial dims after a conv, reduced dims, slices, ...) keep everything.
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from .errors import CompressError
-from .graph import ModuleGraph, NodeRef, OpNode, capture
+from .graph import ModuleGraph, NodeRef, OpNode, capture_and_analyse
 
 __all__ = [
     "BUILTIN_REPLACERS",
@@ -94,6 +95,11 @@ class SpeedupReport:
     """Unsupported ops (``strict=False`` only) whose channels were kept, by node."""
     max_rel_error: float = 0.0
     """Largest relative difference between the sped-up model's outputs and the reference."""
+    kept_whole: list[str] = attrs.field(factory=list)
+    """Grouped convs (``1 < groups < channels``) kept whole because their masks do not remove
+    whole groups (or they are transposed)."""
+    capture_method: str = ""
+    """The capture whose graph was used: ``"eager"``, ``"export"`` or ``"symbolic_trace"``."""
 
 
 # -- replacers -----------------------------------------------------------------------------
@@ -125,10 +131,14 @@ def _replace_linear(module: Any, keep: dict[str, dict[int, torch.Tensor]]) -> nn
 
 def _replace_conv(module: Any, keep: dict[str, dict[int, torch.Tensor]]) -> nn.Module:
     depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    out_per_group = module.out_channels // module.groups
     shrink_tensors(module, keep)
     weight = module.weight
     if depthwise:
         module.groups = module.in_channels = module.out_channels = weight.shape[0]
+    elif module.groups > 1 and not module.transposed:  # whole groups went (see _whole_groups)
+        module.groups = weight.shape[0] // out_per_group
+        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
     elif module.transposed:
         module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
     else:
@@ -407,6 +417,9 @@ class _Propagation:
         self.contracted: set[Dim] = set()
         """Parameter dims that a layer contracts over (a Linear's in-features): not zeroed."""
         self.unknown: list[OpNode] = []
+        self.grouped: list[tuple[str | None, str, int, int, int]] = []
+        """Grouped convs that lose whole groups: (input, output, groups, in and out per group)."""
+        self.kept_whole: list[str] = []
         self.strict = strict
         for node in graph:
             if node.shape is not None:
@@ -536,6 +549,36 @@ class _Propagation:
                 if find((name, d)) not in sourced:
                     self.pins.add((name, d))
 
+    def _whole_groups(
+        self,
+        node: OpNode,
+        transposed: bool,
+        groups: Any,
+        xs: tuple[int, ...] | None,
+        os_: tuple[int, ...] | None,
+    ) -> bool:
+        """Whether a grouped (not depthwise) conv can lose whole groups.
+
+        Only a non-transposed conv whose own weight mask keeps or removes each group's output
+        channels all together; otherwise it is kept whole, and said so when its mask removes
+        something.
+        """
+        module = node.weight_of
+        if module is None or not isinstance(groups, int) or xs is None or os_ is None:
+            return False
+        mask = self.out_keep(module, 0)
+        if mask is None or bool(mask.all()):
+            return not transposed and mask is not None and os_[1] % groups == 0 == xs[1] % groups
+        per_group = mask.reshape(groups, -1) if mask.numel() % groups == 0 else None
+        if transposed:
+            reason = "a transposed grouped conv"
+        elif per_group is None or bool((per_group.any(1) != per_group.all(1)).any()):
+            reason = "its mask removes part of a group"
+        else:
+            return os_[1] % groups == 0 == xs[1] % groups
+        self.kept_whole.append(f"'{module}' (groups={groups}): {reason}; kept whole")
+        return False
+
     def ref(self, node: OpNode, index: int, key: str | None = None) -> str | None:
         value = self.graph.arg(node, index, key)
         return value.name if isinstance(value, NodeRef) else None
@@ -592,7 +635,15 @@ class _Propagation:
                 self.tie(w, 0, out, 1)
                 self.tie(x, 1, out, 1)
                 self.producer(node, 1, 0)
-            else:  # other grouped convs keep their channels (whole-group pruning is not done)
+            elif self._whole_groups(node, transposed, groups, xs, os_):
+                # Whole groups go: one kept output channel, or one kept input channel, keeps
+                # its whole group on both sides (solve); weight dim 1 stays per-group.
+                self.tie(w, 0, out, 1)
+                self.producer(node, 1, 0)
+                assert xs is not None and os_ is not None  # checked by _whole_groups
+                self.grouped.append((x, out, groups, xs[1] // groups, os_[1] // groups))
+                self.related.update({(str(x), 1), (out, 1)})
+            else:  # kept whole: see _whole_groups
                 self.pin(x, [1])
                 self.pin(out, [1])
                 self.pin(w)
@@ -773,6 +824,17 @@ class _Propagation:
             for src, gi, dst, gj in self.reshapes:
                 changed |= self._spread(src, gi, dst, gj)
                 changed |= self._spread(dst, gj, src, gi)
+            for x, out, groups, in_g, out_g in self.grouped:
+                alive = keep[out][1].reshape(groups, out_g).any(1)
+                if x is not None and x in keep:
+                    alive |= keep[x][1].reshape(groups, in_g).any(1)
+                for side, size in ((out, out_g), (x, in_g)):
+                    if side is None or side not in keep:
+                        continue
+                    merged = keep[side][1] | alive.repeat_interleave(size)
+                    if not torch.equal(merged, keep[side][1]):
+                        keep[side][1] = merged
+                        changed = True
             for out, dim, pieces in self.cats:
                 for name, offset, size in pieces:
                     seg = keep[out][dim][offset : offset + size]
@@ -822,7 +884,7 @@ def speedup(
     rtol: float = 1e-5,
     return_report: bool = False,
     host: Any = None,
-    capture_method: str = "export",
+    capture_method: str = "auto",
 ) -> Any:
     """Return a physically smaller copy of ``model`` whose outputs equal the masked model's.
 
@@ -838,8 +900,11 @@ def speedup(
     :param rtol: the largest relative error accepted against the reference (eval mode).
     :param return_report: also return a :class:`SpeedupReport`.
     :param host: the plugin host whose replacers to use (default: the process-wide one).
-    :param capture_method: ``"export"`` or ``"eager"`` (several times faster), as for
-        :func:`compress_core.graph.capture`; the result is verified either way.
+    :param capture_method: ``"auto"`` (the default: the eager capture, falling back to
+        ``torch.export`` when the eager forward raises or removed channels reach an op of the
+        eager graph that has no rule), ``"export"`` or ``"eager"`` (several times faster than
+        export); see :func:`compress_core.graph.capture_and_analyse`. The result is verified
+        either way.
     :return: the smaller model, or ``(model, report)`` with ``return_report=True``.
     :raises SpeedupError: naming the graph node and/or module, before anything is returned.
     """
@@ -863,7 +928,6 @@ def speedup(
             for target, mask in targets.items():
                 tensor = getattr(work_modules[module_name], target)
                 tensor.mul_(mask.to(tensor.dtype))
-    graph = capture(work, example_inputs, method=capture_method)
 
     def out_keep(module_name: str, weight_dim: int) -> torch.Tensor | None:
         module = work_modules.get(module_name)
@@ -875,7 +939,12 @@ def speedup(
         d = _out_dim(module)
         return mask.any(dim=[k for k in range(mask.dim()) if k != d]) if mask.dim() > 1 else mask
 
-    prop = _solve(graph, out_keep, strict, report)
+    def analyse(captured: ModuleGraph, last: bool) -> tuple[ModuleGraph, _Propagation] | None:
+        solved = _solve(captured, out_keep, strict, report, last)
+        return None if solved is None else (captured, solved)
+
+    graph, prop = capture_and_analyse(work, example_inputs, capture_method, analyse)
+    report.capture_method = graph.method
     keeps, zero = _tensor_keeps(graph, prop)
     work.eval()
     with torch.no_grad():
@@ -974,14 +1043,18 @@ def _solve(
     out_keep: Callable[[str, int], torch.Tensor | None],
     strict: bool,
     report: SpeedupReport,
-) -> _Propagation:
+    last: bool = True,
+) -> _Propagation | None:
     # First with unknown ops neutral: an unknown op only matters if removed channels reach it.
     prop = _Propagation(graph, out_keep, strict)
     prop.build(unknown_pins=False)
     prop.solve()
     blocking = [n for n in prop.unknown if any(prop.partial(i) for i in n.inputs if i in prop.keep)]
     if not blocking:
+        report.kept_whole = prop.kept_whole
         return prop
+    if not last:
+        return None  # capture_method="auto": another capture may see ops that have rules
     if strict:
         node = blocking[0]
         dims = {i: prop.partial(i) for i in node.inputs if prop.partial(i)}
@@ -996,6 +1069,7 @@ def _solve(
     prop = _Propagation(graph, out_keep, strict)
     prop.build(unknown_pins=True)
     prop.solve()
+    report.kept_whole = prop.kept_whole
     return prop
 
 
@@ -1030,8 +1104,8 @@ def _consumers(graph: ModuleGraph, prop: _Propagation) -> list[tuple[OpNode, str
     """``(node, input node, channel dim)`` of Linear/Conv ops that read removed channels."""
     out = []
     for node in graph.calls():
-        if node.weight_of is None:
-            continue
+        if node.weight_of is None or getattr(graph.modules.get(node.weight_of), "groups", 1) > 1:
+            continue  # a grouped conv's removed inputs feed only its removed outputs
         x = prop.ref(node, 0)
         if node.op == "linear":
             dim = -1

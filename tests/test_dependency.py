@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import compress_core
 from compress_core import ConfigError, auto_set_dependency_group_ids, canonicalize
@@ -226,7 +227,7 @@ class Rules(nn.Module):
 def test_each_coupling_rule():
     model = Rules()
     inputs = (torch.randn(3, 4), torch.randn(3, 2, 5, 5))
-    groups, untracked = find_channel_groups(model, inputs)
+    groups, untracked = find_channel_groups(model, inputs, capture_method="export")
     assert untracked == []
     coupled = {g.modules: g.internal_metric_block for g in groups}
     assert coupled == {
@@ -240,6 +241,7 @@ def test_each_coupling_rule():
         ("head",): None,
     }
     assert find_channel_groups(model, inputs, capture_method="eager")[0] == groups
+    assert find_channel_groups(model, inputs)[0] == groups
 
 
 # -- models that symbolic_trace cannot trace --------------------------------------------------
@@ -340,8 +342,9 @@ def test_mobilenet_v2_residual_projections_and_depthwise():
 
     model = MobileNetV2()
     x = (torch.randn(1, 3, 64, 64),)
-    result = auto_set_dependency_group_ids(model, [{"op_types": ["Conv2d"], **OUT}], x)
+    result = auto_set_dependency_group_ids(model, [{"op_types": ["Conv2d"], **OUT}], x, capture_method="export")
     assert auto_set_dependency_group_ids(model, [{"op_types": ["Conv2d"], **OUT}], x, capture_method="eager") == result
+    assert auto_set_dependency_group_ids(model, [{"op_types": ["Conv2d"], **OUT}], x) == result
     # Table 2 of the paper: blocks 2-3, 4-6, 7-10, 11-13, 14-16 keep width and stride 1 after
     # their first block, so their projection convs (conv.2) meet in residual adds. Each
     # depthwise conv (conv.1.0 in expanding blocks, conv.0.0 in block 1) passes its input's
@@ -372,8 +375,9 @@ def test_minilm_bert_heads_and_residual_stream():
         torch.fx.symbolic_trace(model)
     ids = (torch.randint(0, 1000, (2, 12)),)
     config = [{"op_types": ["Linear", "Embedding"], "sparse_ratio": 0.25, "granularity": "out_channel"}]
-    result = auto_set_dependency_group_ids(model, config, ids)
+    result = auto_set_dependency_group_ids(model, config, ids, capture_method="export")
     assert auto_set_dependency_group_ids(model, config, ids, capture_method="eager") == result
+    assert auto_set_dependency_group_ids(model, config, ids) == result
     # Embeddings are summed; then every layer adds attention.output.dense and output.dense into
     # the same stream (each add followed by a LayerNorm over those 384 channels). Per layer,
     # query/key/value are viewed as 12 heads of 32 and meet in scaled_dot_product_attention.
@@ -438,12 +442,60 @@ def test_docs_example_runs():
 def test_eager_capture_finds_the_same_groups_as_export(make, shape):
     model = make()
     x = (torch.randn(*shape),)
-    exported, untracked = find_channel_groups(model, x)
+    exported, untracked = find_channel_groups(model, x, capture_method="export")
     eager, eager_untracked = find_channel_groups(model, x, capture_method="eager")
     assert eager == exported and eager_untracked == untracked == []
+    assert find_channel_groups(model, x) == (exported, [])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = [{"op_types": ["Conv2d", "Linear"], **OUT}]
     assert auto_set_dependency_group_ids(model, config, x, capture_method="eager") == (
-        auto_set_dependency_group_ids(model, config, x)
-    )
+        auto_set_dependency_group_ids(model, config, x, capture_method="export")
+    ) == auto_set_dependency_group_ids(model, config, x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class SoftsignResidual(nn.Module):
+    """``a``'s output reaches the sum through ``softsign``: one eager op the analysis has no
+    rule for, while export decomposes it into ``abs``/``add``/``div``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.softsign(self.a(x)) + self.b(x))
+
+
+def test_auto_capture_falls_back_to_export_when_eager_leaves_ops_untracked():
+    model, x = SoftsignResidual(), (torch.randn(3, 4),)
+    eager, eager_untracked = find_channel_groups(model, x, capture_method="eager")
+    assert eager_untracked == ["softsign (softsign)"]
+    assert {g.modules for g in eager} == {("a",), ("b",), ("head",)}  # the coupling is lost
+    exported = find_channel_groups(model, x, capture_method="export")
+    assert {g.modules for g in exported[0]} == {("a", "b"), ("head",)} and exported[1] == []
+    assert find_channel_groups(model, x) == exported
+    config = [{"op_types": ["Linear"], **OUT}]
+    ids = auto_set_dependency_group_ids(model, config, x)
+    assert ids == auto_set_dependency_group_ids(model, config, x, capture_method="export")
+    assert [e["target_settings"]["weight"]["dependency_group_id"] for e in ids[:2]] == ["dep0", "dep0"]
+
+
+def test_auto_capture_falls_back_to_export_when_the_eager_run_raises(monkeypatch):
+    from compress_core import graph as graph_module
+
+    def broken(self, example_inputs):  # stands in for a forward that fails under the recorder
+        raise RuntimeError("cannot record")
+
+    model, x = TwoBranch(), (torch.randn(2, 1, 4, 4),)
+    exported = find_channel_groups(model, x, capture_method="export")
+    monkeypatch.setattr(graph_module._EagerTracer, "trace", broken)
+    with pytest.raises(compress_core.CompressError, match="cannot record"):
+        find_channel_groups(model, x, capture_method="eager")
+    assert find_channel_groups(model, x) == exported
+
+
+def test_unknown_capture_method_names_the_choices():
+    with pytest.raises(compress_core.CompressError, match="'fast'; use one of auto, export, eager"):
+        find_channel_groups(TwoBranch(), (torch.randn(2, 1, 4, 4),), capture_method="fast")

@@ -225,7 +225,8 @@ def _zoo() -> list[tuple[str, nn.Module, torch.Tensor, dict, dict]]:
             },
         )
     )
-    # A grouped (not depthwise) conv keeps its input channels, so the conv before it does too.
+    # A grouped (not depthwise) conv that keeps all its outputs keeps every group, so its inputs
+    # stay and the conv before it keeps its channels too.
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1, groups=2))
     cases.append(
         (
@@ -574,3 +575,123 @@ def test_flatten_into_linear_keeps_the_spatial_positions_of_kept_channels(captur
         model.fc.bias,
     )
     torch.testing.assert_close(small(x), masked, rtol=1e-5, atol=1e-6)
+
+
+class TanhshrinkHead(nn.Module):
+    """``tanhshrink`` has no eager rule; export decomposes it into ``tanh`` and ``sub``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.tanhshrink(self.a(x)))
+
+
+def tanhshrink_case() -> tuple[nn.Module, dict, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TanhshrinkHead()
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    masks = {"a": {"weight": keep[:, None].expand(6, 4).clone(), "bias": keep.clone()}}
+    return model, masks, torch.randn(3, 4), keep
+
+
+def test_auto_capture_falls_back_to_export_when_removed_channels_reach_an_eager_op_without_rule():
+    model, masks, x, keep = tanhshrink_case()
+    with pytest.raises(SpeedupError, match="'tanhshrink'"):
+        speedup(model, masks, (x,), host=empty_host(), capture_method="eager")
+    small, report = speedup(model, masks, (x,), host=empty_host(), return_report=True)
+    assert report.capture_method == "export" and report.blocked == []
+    assert torch.equal(small.a.weight, model.a.weight[keep]) and torch.equal(small.a.bias, model.a.bias[keep])
+    assert torch.equal(small.head.weight, model.head.weight[:, keep])
+    masked = model.head(F.tanhshrink((x @ model.a.weight.T + model.a.bias) * keep))
+    torch.testing.assert_close(small(x), masked, rtol=0, atol=1e-5)
+    exported = speedup(model, masks, (x,), host=empty_host(), capture_method="export")
+    assert all(torch.equal(p, q) for p, q in zip(small.state_dict().values(), exported.state_dict().values()))
+
+
+class TanhHead(TanhshrinkHead):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(x)))
+
+
+def test_auto_capture_stays_eager_when_eager_follows_every_pruned_channel():
+    _, masks, x, keep = tanhshrink_case()
+    model = TanhHead()
+    small, report = speedup(model, masks, (x,), host=empty_host(), return_report=True)
+    assert report.capture_method == "eager"
+    assert torch.equal(small.head.weight, model.head.weight[:, keep])
+
+
+class GroupedConvNet(nn.Module):
+    """conv1 (8 channels) feeds a conv with 4 groups: 2 input and 3 output channels each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.conv_g = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv_g(torch.relu(self.conv1(x)))))
+
+
+def grouped_masks(keep_in: list[int], keep_out: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+    kin, kout = torch.tensor(keep_in, dtype=torch.bool), torch.tensor(keep_out, dtype=torch.bool)
+    return {
+        "conv1": {"weight": kin[:, None, None, None].expand(8, 3, 1, 1).clone(), "bias": kin.clone()},
+        "conv_g": {"weight": kout[:, None, None, None].expand(12, 2, 3, 3).clone(), "bias": kout.clone()},
+    }
+
+
+def masked_grouped_output(model: GroupedConvNet, masks: dict, x: torch.Tensor) -> torch.Tensor:
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, targets in masks.items():
+            for target, mask in targets.items():
+                getattr(getattr(ref, name), target).mul_(mask)
+        return ref(x)
+
+
+@pytest.mark.parametrize("capture", ["export", "eager"])
+def test_grouped_conv_loses_whole_groups_removed_on_both_sides(capture):
+    torch.manual_seed(0)
+    model, x = GroupedConvNet(), torch.randn(2, 3, 6, 6)
+    # groups 1 and 3 go: conv1 drops their input channels (2-3, 6-7), conv_g their outputs (3-5, 9-11)
+    masks = grouped_masks([1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0])
+    small, report = speedup(model, masks, (x,), host=empty_host(), return_report=True, capture_method=capture)
+    assert report.kept_whole == []
+    conv = small.conv_g
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 6)
+    assert torch.equal(conv.weight, model.conv_g.weight[[0, 1, 2, 6, 7, 8]])
+    assert torch.equal(conv.bias, model.conv_g.bias[[0, 1, 2, 6, 7, 8]])
+    assert torch.equal(small.conv1.weight, model.conv1.weight[[0, 1, 4, 5]])
+    assert torch.equal(small.head.weight, model.head.weight[:, [0, 1, 2, 6, 7, 8]])
+    torch.testing.assert_close(small(x), masked_grouped_output(model, masks, x), rtol=0, atol=1e-5)
+
+
+def test_grouped_conv_keeps_a_group_that_one_side_still_uses():
+    torch.manual_seed(0)
+    model, x = GroupedConvNet(), torch.randn(2, 3, 6, 6)
+    # conv1 drops group 1's inputs and conv_g group 2's outputs: only group 3 is gone on both
+    masks = grouped_masks([1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    small = speedup(model, masks, (x,), host=empty_host())
+    assert (small.conv_g.groups, small.conv_g.in_channels, small.conv_g.out_channels) == (3, 6, 9)
+    # the kept halves of groups 1 and 2 keep their masked (zero) weights
+    expected_g, expected_1 = model.conv_g.weight[:9].clone(), model.conv1.weight[:6].clone()
+    expected_g[6:9], expected_1[2:4] = 0, 0
+    assert torch.equal(small.conv_g.weight, expected_g)
+    assert torch.equal(small.conv1.weight, expected_1)
+    torch.testing.assert_close(small(x), masked_grouped_output(model, masks, x), rtol=0, atol=1e-5)
+
+
+def test_grouped_conv_with_part_of_a_group_removed_is_kept_whole_and_reported():
+    torch.manual_seed(0)
+    model, x = GroupedConvNet(), torch.randn(2, 3, 6, 6)
+    masks = grouped_masks([1, 1, 0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    small, report = speedup(model, masks, (x,), host=empty_host(), return_report=True)
+    assert report.kept_whole == ["'conv_g' (groups=4): its mask removes part of a group; kept whole"]
+    assert (small.conv_g.groups, small.conv_g.in_channels, small.conv_g.out_channels) == (4, 8, 12)
+    assert small.conv1.out_channels == 8  # its removed channels reach the whole-kept conv
+    torch.testing.assert_close(small(x), masked_grouped_output(model, masks, x), rtol=0, atol=1e-5)

@@ -24,7 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def prune(model: nn.Module, config: list[dict], example_inputs: tuple) -> tuple[dict, nn.Module]:
     """Prune ``model`` (in place, stays wrapped) and return the masks and a reference copy."""
+    exported = compress_core.auto_set_dependency_group_ids(model, config, example_inputs, capture_method="export")
     config = compress_core.auto_set_dependency_group_ids(model, config, example_inputs)
+    assert config == exported  # the default "auto" capture agrees with torch.export
     comp = compress_core.create("l1_norm", model, config)
     masks = comp.compress()
     return masks, model
@@ -43,6 +45,14 @@ def bn_aligned_reference(model: nn.Module, masks: dict) -> nn.Module:
                 nxt.weight.mul_(kept)
                 nxt.bias.mul_(kept)
     return ref
+
+
+def same_as_export(model: nn.Module, masks: dict, inputs: tuple, small: nn.Module) -> None:
+    """The default ("auto") capture gives exactly the weights that the export capture gives."""
+    exported = compress_core.speedup(model, masks, inputs, capture_method="export").state_dict()
+    ours = small.state_dict()
+    assert list(ours) == list(exported)
+    assert all(torch.equal(ours[k], exported[k]) for k in ours)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,6 +74,8 @@ def test_resnet_style_cnn():
     masks, model = prune(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], (x,))
     reference = bn_aligned_reference(model, masks)(x)
     small, report = compress_core.speedup(model, masks, (x,), return_report=True)
+    assert report.capture_method == "eager"  # so the next line compares two captures
+    same_as_export(model, masks, (x,), small)
     assert report.max_rel_error < 1e-5
     assert rel_err(small(x), reference) < 1e-5
     # the stem and the residual stream of stage 1 are one dependency group: half of 16 kept
@@ -90,6 +102,8 @@ def test_mobilenet_v2_imagenet_weights_on_real_photos():
     masks, model = prune(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], (x,))
     reference = bn_aligned_reference(model, masks)(x)
     small, report = compress_core.speedup(model, masks, (x,), return_report=True)
+    assert report.capture_method == "eager"  # so the next line compares two captures
+    same_as_export(model, masks, (x,), small)
     out = small(x)
     assert rel_err(out, reference) < 1e-5 and report.max_rel_error < 1e-5
     assert torch.equal(out.argmax(1), reference.argmax(1))
@@ -126,6 +140,7 @@ def test_minilm_ffn_units_and_whole_attention_heads():
     masks, model = prune(model, config, inputs)
     reference = model(*inputs).last_hidden_state  # simulated by the wrappers
     small = compress_core.speedup(model, masks, inputs)
+    same_as_export(model, masks, inputs, small)
     assert rel_err(small(*inputs).last_hidden_state, reference) < 1e-5
     head = model.config.hidden_size // model.config.num_attention_heads
     for layer in small.encoder.layer:
@@ -151,6 +166,7 @@ def test_llama_gated_mlp_block():
     masks, model = prune(model, config, (x,))
     reference = model(x)
     small = compress_core.speedup(model, masks, (x,))
+    same_as_export(model, masks, (x,), small)
     assert rel_err(small(x), reference) < 1e-5
     assert (
         small.mlp.gate_proj.out_features
@@ -173,6 +189,8 @@ def test_densenet_block_with_cat():
     x = torch.randn(2, 3, 16, 16)
     masks, model = prune(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], (x,))
     small, report = compress_core.speedup(model, masks, (x,), return_report=True)
+    assert report.capture_method == "eager"  # so the next line compares two captures
+    same_as_export(model, masks, (x,), small)
     assert report.max_rel_error < 1e-5
 
     # the concatenated width shrinks by what the stem and every layer's conv2 lost
