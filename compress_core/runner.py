@@ -233,6 +233,74 @@ def _len(loader: Any, limit: int | None) -> int | None:
     return n if limit is None else min(n, limit)
 
 
+# -- torch.distributed ------------------------------------------------------------------------
+
+
+@attrs.define(frozen=True)
+class _Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_SINGLE = _Ranks()
+
+
+def _init_distributed() -> tuple[_Ranks, bool]:
+    """The ranks of this process; initialises the process group when launched by torchrun.
+
+    Returns ``(ranks, created)``: ``created`` says whether this call made the group (and so
+    must destroy it).
+    """
+    from .distributed import is_distributed
+
+    if is_distributed():
+        import torch.distributed as dist
+
+        return _Ranks(dist.get_rank(), dist.get_world_size()), False
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return _SINGLE, False
+    import torch.distributed as dist
+
+    # The runner keeps models and batches on the CPU, which NCCL cannot reduce; a caller that
+    # initialises an NCCL group itself (with a model on its GPU) is used as it is, above.
+    dist.init_process_group("gloo")
+    return _Ranks(dist.get_rank(), dist.get_world_size()), True
+
+
+def _barrier(ranks: _Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shard(batches: Iterable[Any], ranks: _Ranks) -> Iterable[Any]:
+    """This rank's slice of every ``(inputs, labels)`` batch.
+
+    Every rank reads the same batches (the same seed gives the same shuffle) and keeps its
+    ``1/world`` of each along dim 0. Averaging the ranks' gradients then gives the gradient of
+    the whole batch, so the run file's batch size and learning rate mean what they mean in a
+    single process and the result matches a single-process run up to rounding. Batches
+    smaller than the world size are skipped on every rank alike (a rank with no samples
+    would have no loss to reduce).
+    """
+    if ranks.world == 1:
+        yield from batches
+        return
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        if len(x) < ranks.world:
+            continue
+        yield (
+            torch.tensor_split(x, ranks.world)[ranks.rank],
+            torch.tensor_split(y, ranks.world)[ranks.rank],
+        )
+
+
 def _train(
     model: nn.Module,
     train: Iterable[Any],
@@ -243,19 +311,29 @@ def _train(
     log: _Log,
     desc: str,
     extra_loss: Any = None,
+    ranks: _Ranks = _SINGLE,
 ) -> None:
     params = list(model.parameters()) + (
         list(extra_loss.parameters()) if extra_loss is not None else []
     )
     optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP averages the model's gradients; a distiller's own parameters (adapters) are
+        # averaged by the distiller, which registers its own hooks under torch.distributed.
+        forward = DistributedDataParallel(model)
     for epoch in range(epochs):
         bar = log.progress(
-            _batches(train, max_batches), f"{desc} {epoch + 1}/{epochs}", _len(train, max_batches)
+            _shard(_batches(train, max_batches), ranks),
+            f"{desc} {epoch + 1}/{epochs}",
+            _len(train, max_batches),
         )
         for x, y in bar:
             optimizer.zero_grad()
-            task = nn.functional.cross_entropy(model(x), y)
+            task = nn.functional.cross_entropy(forward(x), y)
             loss = extra_loss.total_loss(task) if extra_loss is not None else task
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: the loss became {loss.item()} (lower lr?)")
@@ -263,6 +341,8 @@ def _train(
             optimizer.step()
             if extra_loss is not None:
                 extra_loss.step()
+    # No DDP wrapper outlives the loop: the next step may replace or restructure the model.
+    del forward
     model.eval()
 
 
@@ -285,6 +365,11 @@ def run_file(path: str | Path, *, output: str | Path | None = None, quiet: bool 
 def run(runfile: RunFile, *, output: str | Path | None = None, quiet: bool = False) -> Path:
     """Run every step of ``runfile`` and write the finished output folder.
 
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), or called inside an initialised process
+    group, every rank runs the steps on its slice of each batch (see :func:`_shard`), DDP
+    averages the gradients, the plugins reduce their statistics, and only rank 0 evaluates
+    and writes; every rank returns the output folder once it is in place.
+
     :param output: overrides ``runfile.output``.
     :raises ConfigError: the run file does not fit the model (nothing has run yet).
     :raises CompressError: a step failed; no output folder is created or replaced.
@@ -295,7 +380,18 @@ def run(runfile: RunFile, *, output: str | Path | None = None, quiet: bool = Fal
             f"output folder {out} exists and is not a compress run; refusing to replace it",
             key="output",
         )
-    log = _Log(quiet)
+    ranks, created = _init_distributed()
+    try:
+        return _run(runfile, out, quiet, ranks)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(runfile: RunFile, out: Path, quiet: bool, ranks: _Ranks) -> Path:
+    log = _Log(quiet or not ranks.main)
     torch.manual_seed(runfile.seed)
     model_factory = _resolve(runfile.model.factory, runfile.base_dir, "model.factory")
     data_factory = _resolve(runfile.data.factory, runfile.base_dir, "data.factory")
@@ -316,20 +412,30 @@ def run(runfile: RunFile, *, output: str | Path | None = None, quiet: bool = Fal
     x_eval = first[0] if isinstance(first, (tuple, list)) else first
     example = (x_eval[:1],)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if ranks.main:
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    else:
+        import tempfile
+
+        # Other ranks still pass a folder to the steps; nothing they put there is kept.
+        tmp = Path(tempfile.mkdtemp(prefix="compress-run-rank"))
     try:
         results = _execute(
-            runfile, model, train, evaluation, evaluate, example, x_eval, tmp, out, log
+            runfile, model, train, evaluation, evaluate, example, x_eval, tmp, out, log, ranks
         )
-        _write_report(runfile, results, tmp, log)
-        _finish(tmp, out)
+        if ranks.main:
+            _write_report(runfile, results, tmp, log)
+            _finish(tmp, out)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not quiet:
+    _barrier(ranks)
+    if not quiet and ranks.main:
         print(_table_markdown(runfile, results["stages"]))
         print(f"\nwritten: {out}")
     return out
@@ -356,6 +462,7 @@ def _execute(
     tmp: Path,
     out: Path,
     log: _Log,
+    ranks: _Ranks = _SINGLE,
 ) -> dict[str, Any]:
     import compress_core
 
@@ -376,6 +483,8 @@ def _execute(
         ort: OrtModel | None = None,
     ) -> None:
         model.eval()
+        if not ranks.main:
+            return  # every rank holds the same model: one evaluation is the result
         log.info(f"  evaluating {name}")
         metric = evaluate(
             ort if ort is not None else model, log.progress(evaluation, f"eval {name}")
@@ -402,6 +511,8 @@ def _execute(
         )
 
     def save_float() -> None:
+        if not ranks.main:
+            return
         folder = tmp / "model"
         if "_compress_pruned" in model.__dict__:
             compress_core.save_pruned(model, folder)
@@ -438,8 +549,9 @@ def _execute(
                         max_batches=step.max_batches,
                         log=log,
                         desc=f"train {name}",
+                        ranks=ranks,
                     )
-                if step.cache:
+                if step.cache and ranks.main:
                     import safetensors.torch
 
                     (tmp / "cache").mkdir(exist_ok=True)
@@ -477,6 +589,7 @@ def _execute(
                         log=log,
                         desc=f"distill {name}",
                         extra_loss=distiller,
+                        ranks=ranks,
                     )
                 finally:
                     distiller.close()  # type: ignore[attr-defined]  # distillers remove their hook
@@ -488,17 +601,23 @@ def _execute(
                 quant_config = list(step.config_list)
                 quantizer = compress_core.create(step.method, model, quant_config, **step.params)
                 with torch.no_grad():
+                    # Observers see this rank's slice; the quantizer reduces min/max over ranks.
                     for x, _ in log.progress(
-                        _batches(train, step.calibration_batches),
+                        _shard(_batches(train, step.calibration_batches), ranks),
                         f"calibrate {name}",
                         _len(train, step.calibration_batches),
                     ):
                         model(x)
                 quantizer.compress()
-                path = compress_core.save_quantized(model, tmp / "model" / "model.int8.safetensors")
-                record(name, started, size=(path.stat().st_size, "int8 safetensors"))
+                if ranks.main:
+                    path = compress_core.save_quantized(
+                        model, tmp / "model" / "model.int8.safetensors"
+                    )
+                    record(name, started, size=(path.stat().st_size, "int8 safetensors"))
                 continue
             elif isinstance(step, ExportStep):
+                if not ranks.main:
+                    continue
                 onnx_path = compress_core.export_onnx(
                     model,
                     example,
