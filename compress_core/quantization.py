@@ -175,12 +175,18 @@ def dequantize(q: torch.Tensor, params: QuantParams) -> torch.Tensor:
     return (q.to(torch.float32) - zero_point) * scale
 
 
-def fake_quantize(value: torch.Tensor, params: QuantParams) -> torch.Tensor:
+def fake_quantize(
+    value: torch.Tensor, params: QuantParams, *, in_range: bool = False
+) -> torch.Tensor:
     """Quantize and dequantize ``value``; the gradient is the clipped straight-through estimate.
 
     Per-tensor matches torch's fused kernel (``fake_quantize_per_tensor_affine``) bit for bit;
     per-channel and blocks divide by the broadcast scale. During ONNX export this becomes
     QuantizeLinear/DequantizeLinear.
+
+    ``in_range=True`` promises that no element of ``value`` lies outside the range the scale
+    covers (e.g. a symmetric per-tensor scale computed from this very tensor's min/max), so
+    the check for clipped elements is skipped on the fast CPU path; the result is the same.
     """
     if torch.onnx.is_in_onnx_export():
         return _export_qdq(value, params)
@@ -205,7 +211,7 @@ def fake_quantize(value: torch.Tensor, params: QuantParams) -> torch.Tensor:
         if math.isfinite(zero_point):
             zero_point = float(round(zero_point))
         return _PerTensorFakeQuantize.apply(
-            value, scale, params.qmin - zero_point, params.qmax - zero_point
+            value, scale, params.qmin - zero_point, params.qmax - zero_point, in_range
         )
     # Per-channel and blocks: torch's per-channel kernel is several times slower than
     # broadcast tensor ops on CPU.
@@ -250,10 +256,15 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, value: torch.Tensor, scale: torch.Tensor, low: float, high: float
+        ctx: Any,
+        value: torch.Tensor,
+        scale: torch.Tensor,
+        low: float,
+        high: float,
+        in_range: bool = False,
     ) -> torch.Tensor:  # type: ignore[override]
         q = torch.mul(value, torch.reciprocal(scale)).round_()
-        inside = _clip(q, low, high)
+        inside = None if in_range else _clip(q, low, high)
         ctx.clipped = inside is not None
         if inside is not None:
             ctx.save_for_backward(inside)
@@ -261,7 +272,7 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        return _masked_grad(ctx, grad), None, None, None
+        return _masked_grad(ctx, grad), None, None, None, None
 
 
 class _BroadcastFakeQuantize(torch.autograd.Function):

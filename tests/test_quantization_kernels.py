@@ -72,3 +72,122 @@ def test_per_channel_matches_torch_per_channel_kernel(spread):
     out.backward(grad)
     ref.backward(grad)
     assert torch.equal(value.grad, ref_in.grad)
+
+
+# -- the skipped clipping check of QAT weights ------------------------------------------------
+
+
+def _weight_reference(weight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor):
+    """Forward output and weight gradient of ``x @ fq(w).T`` through torch's fused kernel."""
+    ref_w = weight.detach().clone().requires_grad_()
+    fq = torch.fake_quantize_per_tensor_affine(
+        ref_w, scale.reshape(()), torch.tensor(0, dtype=torch.int32), -127, 127
+    )
+    out = x @ fq.T
+    out.sum().backward()
+    return out.detach(), ref_w.grad
+
+
+def test_qat_weight_reobserved_after_in_place_step_and_matches_fused_kernel():
+    import compress_core
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    compress_core.create("qat", model, [{"op_names": ["0"], "target_names": ["weight"]}])
+    layer = model[0]
+    x = torch.randn(8, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        weight = layer.weight.detach().clone()
+        # The scale is this step's own range: amax / 127 of the current weight.
+        scale = (weight.abs().max() / 127).to(torch.float32)
+        out = model(x)
+        ref_out, ref_grad = _weight_reference(weight, scale, x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        optimizer.zero_grad()
+        out.sum().backward()
+        torch.testing.assert_close(layer.weight.grad, ref_grad, rtol=0, atol=0)
+        version = layer.weight._version
+        optimizer.step()  # in place: a new range for the next forward
+        assert layer.weight._version > version
+        buffers = {n: b for n, b in layer.named_buffers() if n.endswith("scale")}
+        (stored,) = buffers.values()
+        torch.testing.assert_close(stored, scale, rtol=0, atol=0)
+
+
+def test_frozen_weight_changed_in_place_is_still_clipped():
+    import compress_core
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False))
+    comp = compress_core.create("qat", model, [{"op_names": ["0"], "target_names": ["weight"]}])
+    layer = model[0]
+    comp.compress()  # freeze() observes the untouched weight
+    scale = (layer.weight.detach().abs().max() / 127).to(torch.float32)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # same tensor object, now beyond the frozen range
+    x = torch.randn(4, 16)
+    out = model(x)
+    out.sum().backward()
+    ref_out, ref_grad = _weight_reference(layer.weight, scale, x)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    # Clipped elements get no gradient (two thirds of the tripled range lie outside).
+    assert (ref_grad == 0).any()
+    torch.testing.assert_close(layer.weight.grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("qmin", "qmax", "zero_point"), [(-127, 127, 0), (0, 255, 128), (-7, 7, 0)]
+)
+def test_in_range_is_the_same_result_for_a_tensor_within_its_own_symmetric_range(
+    qmin, qmax, zero_point
+):
+    torch.manual_seed(3)
+    value = torch.randn(300, 200) * 0.37
+    steps = min(qmax - zero_point, zero_point - qmin)
+    scale = (value.abs().max() / steps).to(torch.float32)
+    params = QuantParams(
+        scale=scale, zero_point=torch.tensor(float(zero_point)), qmin=qmin, qmax=qmax
+    )
+    outs, grads = [], []
+    for in_range in (False, True):
+        v = value.clone().requires_grad_()
+        out = fake_quantize(v, params, in_range=in_range)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        outs.append(out.detach())
+        grads.append(v.grad)
+    ref_out, ref_in = _reference_per_tensor(value, float(scale), zero_point, qmin, qmax)
+    ref_out.backward(torch.linspace(-1, 1, ref_out.numel()).reshape(ref_out.shape))
+    for out, grad in zip(outs, grads):
+        torch.testing.assert_close(out, ref_out.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grad, ref_in.grad, rtol=0, atol=0)
+
+
+def test_qat_activation_beyond_its_ema_range_is_clipped_within_it_is_not():
+    import compress_core
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    compress_core.create(
+        "qat", model, [{"op_names": ["0"], "target_names": ["_input_"]}], ema_decay=0.9
+    )
+    layer = model[0]
+    x1 = torch.randn(32, 16)
+    lo, hi = x1.min(), x1.max()
+    model(x1)
+    for factor, clipped in ((3.0, True), (0.5, False)):
+        x = (x1 * factor).requires_grad_()
+        lo = torch.lerp(x.detach().min(), lo, 0.9)
+        hi = torch.lerp(x.detach().max(), hi, 0.9)
+        scale = (torch.maximum(lo.abs(), hi.abs()) / 127).to(torch.float32)
+        out = model(x)
+        out.sum().backward()
+        ref_x = x.detach().clone().requires_grad_()
+        fq = torch.fake_quantize_per_tensor_affine(
+            ref_x, scale, torch.tensor(0, dtype=torch.int32), -127, 127
+        )
+        ref = torch.nn.functional.linear(fq, layer.weight.detach(), layer.bias.detach())
+        ref.sum().backward()
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
+        assert bool((ref_x.grad == 0).any()) == clipped

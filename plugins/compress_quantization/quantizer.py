@@ -155,10 +155,17 @@ class QuantHandler:
         """EMA decay of activation statistics; ``None`` tracks the overall min/max."""
         self.track_current = False
         """Parameters: the range of the current value (QAT weights change every step)."""
+        self._covered: torch.Tensor | None = None
+        """The tensor whose own finite min/max a symmetric per-tensor scale was just set from:
+        nothing in it can be clipped (``|x| * (1/s)`` stays below 127.5 for ``s = amax/127``),
+        so fake quantization may skip its clipping check."""
 
     # -- the Handler protocol ---------------------------------------------------------------
 
     def __call__(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        # Only an observation within this call vouches for the value (a parameter may have
+        # changed in place since an earlier one, e.g. in freeze()).
+        self._covered = None
         exporting = torch.onnx.is_in_onnx_export()
         fold = self.fold if self.fold is not None and self.fold.active() else None
         if fold is not None:
@@ -171,11 +178,13 @@ class QuantHandler:
             if (exporting or self.quantizer.quantizing(self))
             else value
         )
+        self._covered = None
         if fold is not None and not exporting:
             out = out / k
         return out
 
     def bake(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        self._covered = None
         if not self.quantizing:
             return value
         if self.fold is not None:
@@ -248,6 +257,10 @@ class QuantHandler:
         return (value.shape[self.axis],)
 
     def batch_range(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observer == "minmax" and self.axis is None and self.block is None:
+            # Per tensor: one pass over the flat tensor (aminmax is slow only with a dim).
+            lo, hi = torch.aminmax(value.detach().to(torch.float32).reshape(-1))
+            return _all_reduce(lo, "min"), _all_reduce(hi, "max")
         rows = self.reduce_dims(value.detach().to(torch.float32))
         shape = self.grid_shape(value)
         if self.observer == "minmax":
@@ -291,6 +304,17 @@ class QuantHandler:
             buffers[self.names["max"]] = new_hi
             seen.add_(1)
             self.update_qparams(module)
+            if (
+                self.scheme == "symmetric"
+                and lo.dim() == 0
+                and self.observer == "minmax"
+                and value.device.type == "cpu"  # reading the numbers back is free only here
+            ):
+                # A symmetric scale s = fl(A/steps) of a range A >= max|x| leaves every
+                # |x * fl(1/s)| under steps + 0.5: nothing rounds outside the grid.
+                batch = max(abs(float(lo)), abs(float(hi)))
+                if batch <= max(abs(float(new_lo)), abs(float(new_hi))) < math.inf:
+                    self._covered = value
 
     def update_qparams(self, module: nn.Module) -> None:
         buffers = module._buffers
@@ -309,7 +333,8 @@ class QuantHandler:
             if not self.is_parameter:
                 return value  # never calibrated: nothing to quantize with yet
             self.observe(module, value)
-        return fake_quantize(value, self.quant_params(module))
+        in_range, self._covered = self._covered is value, None
+        return fake_quantize(value, self.quant_params(module), in_range=in_range)
 
 
 def state(module: nn.Module, name: str) -> torch.Tensor:
