@@ -19,7 +19,7 @@ from . import masks as mask_math
 from .canonical import TargetRecord
 from .compressor import Compressor
 from .config import PruningSetting
-from .distributed import all_reduce_sum_
+from .distributed import all_reduce_mean_, all_reduce_sum_
 from .errors import ConfigError
 from .selection import check_module_name
 from .targets import resolve_target
@@ -321,6 +321,11 @@ class Pruner(Compressor):
         """
         if ratio_scale is None:
             ratio_scale = self.ratio_scale
+        # Ranks that trained their own copies of the method's tensors (slim factors, movement
+        # scores) agree on their mean first, so every rank computes the same masks.
+        with torch.no_grad():
+            for param in self.parameters():
+                all_reduce_mean_(param.data)
         requests = []
         for record in self.records:
             key = (record.module_name, record.target_name)

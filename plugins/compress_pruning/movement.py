@@ -20,7 +20,6 @@ from torch import nn
 
 from compress_core import Pruner, TargetRecord
 from compress_core.config import SettingError
-from compress_core.distributed import all_reduce_mean_
 from compress_core.masks import apply_mask
 from compress_core.pruner import MaskHandler
 from compress_core.wrapper import ModuleWrapper
@@ -134,13 +133,6 @@ class MovementPruner(Pruner):
         scale = self.schedule_scale(self.steps)
         if scale is not None:
             self.update_masks(scale)
-
-    def update_masks(self, ratio_scale: float | None = None) -> None:
-        # Ranks that trained their own copies of the scores agree on their mean first.
-        with torch.no_grad():
-            for param in self.parameters():
-                all_reduce_mean_(param.data)
-        super().update_masks(ratio_scale)
 
     def metric_input(self, record: TargetRecord) -> torch.Tensor:
         name = self._scores[(record.module_name, record.target_name)]

@@ -19,7 +19,6 @@ from torch import nn
 
 from compress_core import ConfigError, Pruner, TargetRecord
 from compress_core.config import SettingError
-from compress_core.distributed import all_reduce_mean_
 from compress_core.pruner import MaskHandler
 from compress_core.wrapper import ModuleWrapper
 
@@ -106,13 +105,6 @@ class SlimPruner(Pruner):
     def parameters(self) -> Iterator[nn.Parameter]:
         for (module_name, _), name in self._factors.items():
             yield trainable(self._modules[module_name], name)
-
-    def update_masks(self, ratio_scale: float | None = None) -> None:
-        # Ranks that trained their own copies of the factors agree on their mean first.
-        with torch.no_grad():
-            for param in self.parameters():
-                all_reduce_mean_(param.data)
-        super().update_masks(ratio_scale)
 
     def metric_input(self, record: TargetRecord) -> torch.Tensor:
         name = self._factors[(record.module_name, record.target_name)]
