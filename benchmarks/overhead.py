@@ -50,6 +50,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _machine import cpu_snapshot, foreign_load  # benchmarks/ is sys.path[0] when run as a script
 from torch.nn.utils import prune
 
 import compress_core
@@ -194,26 +195,6 @@ class Runner:
         return (time.perf_counter() - start) / steps
 
 
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process), Linux only."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-    own = os.times()
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def _foreign_load(before: tuple[float, float, float] | None) -> float | None:
-    """Average number of CPUs other processes kept busy since ``before`` (noise indicator)."""
-    after = _cpu_snapshot()
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
 def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) -> dict[str, object]:
     factory, data, _ = MODELS[name]
     torch.manual_seed(0)
@@ -225,7 +206,7 @@ def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) 
         for _ in range(warmup):
             runner.step()
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    snapshot = _cpu_snapshot()
+    snapshot = cpu_snapshot()
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -241,7 +222,7 @@ def bench_model(name: str, threads: int, repeats: int, steps: int, warmup: int) 
     result: dict[str, object] = {
         "model": name,
         "threads": threads,
-        "other_processes_cpus": _foreign_load(snapshot),
+        "other_processes_cpus": foreign_load(snapshot),
         "variants": {},
     }
     for v in VARIANTS:

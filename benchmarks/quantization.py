@@ -30,6 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_snapshot, foreign_load  # benchmarks/ is sys.path[0] when run as a script
+
 import compress_core
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,26 +81,6 @@ def train_step(
         comp.step()
 
 
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process), Linux only."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-    own = os.times()
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def _foreign_load(before: tuple[float, float, float] | None) -> float | None:
-    """Average number of CPUs other processes kept busy since ``before`` (noise indicator)."""
-    after = _cpu_snapshot()
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
 def qat_overhead(
     repeats: int, steps: int = 5
 ) -> list[tuple[str, int, float, float, float, float | None]]:
@@ -133,14 +115,14 @@ def qat_overhead(
                     run()
             samples: dict[str, list[float]] = {v: [] for v in runs}
             order = list(runs)
-            snapshot = _cpu_snapshot()
+            snapshot = cpu_snapshot()
             for r in range(repeats):
                 for variant in order[r % 2 :] + order[: r % 2]:
                     start = time.perf_counter()
                     for _ in range(steps):
                         runs[variant]()
                     samples[variant].append((time.perf_counter() - start) / steps)
-            load = _foreign_load(snapshot)
+            load = foreign_load(snapshot)
             ratio = statistics.median(a / b for a, b in zip(samples["qat"], samples["plain"]))
             rows.append(
                 (
