@@ -46,14 +46,18 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _machine import cpu_snapshot, foreign_load  # benchmarks/ is sys.path[0] when run as a script
 from torch.nn.utils import prune
 
 import compress_core
+
+# Also importable as a module (tests load this file): the shared helpers sit beside it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_snapshot, foreign_load
 
 VARIANTS = ("plain", "compress_core", "torch_prune")
 SPARSE_RATIO = 0.5

@@ -30,9 +30,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import cpu_snapshot, foreign_load  # benchmarks/ is sys.path[0] when run as a script
-
 import compress_core
+
+# Also importable as a module (tests load this file): the shared helpers sit beside it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_snapshot, foreign_load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
