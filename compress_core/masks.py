@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Hashable, Sequence
-from typing import Union
+from typing import TypeGuard, Union
 
 import attrs
 import torch
@@ -64,7 +64,7 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_real(x: object) -> bool:
+def _is_real(x: object) -> TypeGuard[numbers.Real]:
     # numbers.Real also admits numpy scalars, which configs built with numpy tend to carry.
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

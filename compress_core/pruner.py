@@ -52,7 +52,7 @@ class MaskHandler:
     def __call__(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
         if self.observing and self.stat_name is not None:
             self._observe(module, value)
-        mask = module._buffers[self.mask_name]
+        mask = _buffer(module, self.mask_name)
         bits = None
         if self.apply_method == "mul" and value.element_size() in mask_math._INT_OF_SIZE:
             # Rebuilt when the buffer is replaced (compress, .to(), load_state_dict) or
@@ -71,22 +71,24 @@ class MaskHandler:
         return {**self.__dict__, "_bits": None}
 
     def bake(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
-        return mask_math.apply_mask(value, module._buffers[self.mask_name], self.apply_method)
+        return mask_math.apply_mask(value, _buffer(module, self.mask_name), self.apply_method)
 
     def _observe(self, module: nn.Module, value: torch.Tensor) -> None:
+        name = self.stat_name
+        assert name is not None  # only observing handlers are called here
         with torch.no_grad():
             detached = value.detach()
             values = detached.abs() if self.statistic == "abs" else detached.square()
             channels = values.reshape(-1, value.shape[-1])
-            stat = module._buffers.get(self.stat_name)
+            stat = module._buffers.get(name)
             total = channels.sum(0, dtype=torch.float64)
             if stat is None or stat.shape[0] != value.shape[-1] + 1:
                 stat = torch.zeros(value.shape[-1] + 1, dtype=torch.float64, device=value.device)
             stat[:-1] += total
             stat[-1] += channels.shape[0]
-            module._buffers[self.stat_name] = stat
+            module._buffers[name] = stat
             # Statistics are a by-product of calibration, not part of the compressed model.
-            module._non_persistent_buffers_set.add(self.stat_name)
+            module._non_persistent_buffers_set.add(name)
 
 
 class Pruner(Compressor):
@@ -388,7 +390,7 @@ class Pruner(Compressor):
             record = self._by_key[key]
             module = self.module(record)
             handler = self._handlers[key]
-            device = module._buffers[handler.mask_name].device
+            device = _buffer(module, handler.mask_name).device
             module._buffers[handler.mask_name] = mask.to(device)
 
     def metric_input(self, record: TargetRecord) -> torch.Tensor:
@@ -423,11 +425,17 @@ class Pruner(Compressor):
             key = (record.module_name, record.target_name)
             handler = self._handlers[key]
             module = self.module(record)
-            mask = module._buffers[handler.mask_name]
+            mask = _buffer(module, handler.mask_name)
             if record.target.is_tensor_attribute:
                 mask = mask.expand(getattr(module, record.target_name).shape)
             result.setdefault(record.module_name, {})[record.target_name] = mask
         return result
+
+
+def _buffer(module: nn.Module, name: str) -> torch.Tensor:
+    buffer = module._buffers[name]
+    assert buffer is not None, f"state buffer {name!r} was removed from its module"
+    return buffer
 
 
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -437,8 +445,8 @@ def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _device_of(module: nn.Module, record: TargetRecord) -> torch.device:
     if record.target.is_tensor_attribute:
         return getattr(module, record.target_name).device
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
