@@ -10,11 +10,12 @@ in how a value is quantized (learned step sizes, DoReFa, binarization).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from compress_core import Compressor, ConfigError, QuantizationSetting, TargetRecord
 from compress_core.config import SettingError
@@ -71,7 +72,8 @@ class Fold:
 
     def __init__(self, first: nn.Module, bn: nn.Module) -> None:
         self.first = first
-        self.bn = bn
+        # _check_fusion admits only BatchNorm1d/2d/3d here.
+        self.bn = cast(_BatchNorm, bn)
         self._saved: list[Any] = []
         bn.register_forward_hook(self._bn_hook)
         first.register_forward_pre_hook(self._pre_hook)
@@ -84,19 +86,29 @@ class Fold:
             getattr(h, "fold", None) is self for h in wrapper.handlers.get("weight", {}).values()
         )
 
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, var = self.bn.running_mean, self.bn.running_var
+        # _check_fusion accepts only BatchNorms that track running statistics.
+        assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+        return mean, var
+
     def factor(self) -> torch.Tensor:
         bn = self.bn
-        k = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
+        _, var = self._stats()
+        k = torch.rsqrt(var + bn.eps)
+        if isinstance(bn.weight, torch.Tensor):
             k = bn.weight * k
         return k
 
     def folded_bias(self) -> torch.Tensor:
         bn = self.bn
+        mean, _ = self._stats()
         k = self.factor()
-        bias = self.first.bias if self.first.bias is not None else torch.zeros_like(bn.running_mean)
-        folded = (bias - bn.running_mean) * k
-        if bn.bias is not None:
+        bias = self.first.bias
+        if not isinstance(bias, torch.Tensor):
+            bias = torch.zeros_like(mean)
+        folded = (bias - mean) * k
+        if isinstance(bn.bias, torch.Tensor):
             folded = folded + bn.bias
         return folded
 
@@ -112,7 +124,9 @@ class Fold:
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if torch.onnx.is_in_onnx_export() and self.active():
             self._saved.append(module._parameters.get("bias"))
-            module._parameters["bias"] = self.folded_bias()
+            # A plain tensor for the duration of the export trace; _post_hook puts the
+            # parameter back.
+            module._parameters["bias"] = self.folded_bias()  # type: ignore[assignment]
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._saved:
@@ -712,8 +726,8 @@ class _Relocated:
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
