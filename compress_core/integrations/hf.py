@@ -24,20 +24,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+# Shared with the Lightning integration, which must not import transformers.
+from ._loss import add_compression_loss
+
 __all__ = ["CompressionCallback", "CompressionTrainer", "add_compression_loss"]
-
-
-def add_compression_loss(task_loss: torch.Tensor, compressors: Sequence[Any]) -> torch.Tensor:
-    """``task_loss`` with every compressor's terms, in order.
-
-    A distiller's ``total_loss`` weights what came before it by its ``origin_loss_lambda``;
-    every other compressor adds ``loss()``.
-    """
-    loss = task_loss
-    for comp in compressors:
-        total = getattr(comp, "total_loss", None)
-        loss = total(loss) if callable(total) else loss + comp.loss().to(loss.device)
-    return loss
 
 
 class CompressionCallback(TrainerCallback):
