@@ -12,14 +12,20 @@ For each capture method (``export``: torch.export; ``eager``: one recorded forwa
 ``auto``, the default of ``find_channel_groups``: eager, export when eager cannot follow the
 model) the model is captured once to warm up, then ``--repeats`` times; the median is
 reported, split into capture and analysis (``auto``: the total of ``find_channel_groups``
-only, its fallback decides what runs). Usage::
+only, its fallback decides what runs). When Torch-Pruning is installed (the ``benchmark``
+extra), its ``DependencyGraph().build_dependency`` on a copy of the same model and input is
+timed the same way, in the same process. Usage::
 
-    python benchmarks/dependency.py [--repeats 5] [--threads 1]
+    python benchmarks/dependency.py [--repeats 5] [--threads 1] [--markdown]
+
+``--markdown`` prints one markdown table (for benchmarks/run_all.py) instead of the
+fixed-width one.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -57,15 +63,60 @@ def models() -> list[tuple[str, torch.nn.Module, tuple[torch.Tensor, ...]]]:
     return cases
 
 
+def torch_pruning_graph_s(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int
+) -> float | None:
+    """Median time of Torch-Pruning's dependency graph on a copy of the model, or None.
+
+    A copy, because ``build_dependency`` switches the model to eval mode; the copy is made
+    outside the timed part. None when torch-pruning is not installed.
+    """
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return None
+    tp.DependencyGraph().build_dependency(copy.deepcopy(model), example_inputs=inputs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        copied = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        tp.DependencyGraph().build_dependency(copied, example_inputs=inputs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_markdown(rows: list[tuple[str, str, float | None, float | None, float, float | None, str]]) -> None:
+    """One markdown table: ours per capture method, Torch-Pruning's graph from this run, and
+    the issue's quoted reference (not measured here)."""
+    print(
+        "| model | capture | capture s | analysis s | total s | Torch-Pruning graph s "
+        "| ratio | issue's ref s (quoted) | ratio to ref | note |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, method, cap, ana, total, tp_s, note in rows:
+        ref = REFERENCE_S[name]
+        cap_text = "-" if cap is None else f"{cap:.4f}"
+        ana_text = "-" if ana is None else f"{ana:.4f}"
+        tp_text, tp_ratio = ("n/a", "n/a") if tp_s is None else (f"{tp_s:.4f}", f"{total / tp_s:.2f}")
+        print(
+            f"| {name} | {method} | {cap_text} | {ana_text} | {total:.4f} | {tp_text} "
+            f"| {tp_ratio} | {ref:.2f} | {total / ref:.2f} | {note} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", action="store_true", help="print one markdown table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'model':<14}{'method':<8}{'capture s':>11}{'analysis s':>12}{'total s':>10}{'ref s':>8}{'ratio':>8}")
+    if not args.markdown:
+        print(f"{'model':<14}{'method':<8}{'capture s':>11}{'analysis s':>12}{'total s':>10}{'ref s':>8}{'ratio':>8}")
+    rows: list[tuple[str, str, float | None, float | None, float, float | None, str]] = []
     for name, model, inputs in models():
+        tp_s = torch_pruning_graph_s(model, inputs, args.repeats)
         for method in ("export", "eager"):
             capture(model, inputs, method=method)  # warm-up (export's first call is slower)
             cap, ana = [], []
@@ -81,7 +132,9 @@ def main() -> None:
                 ana.append(t2 - t1)
             c, a = statistics.median(cap), statistics.median(ana)
             ref = REFERENCE_S[name]
-            print(f"{name:<14}{method:<8}{c:>11.4f}{a:>12.4f}{c + a:>10.4f}{ref:>8.2f}{(c + a) / ref:>8.2f}")
+            rows.append((name, method, c, a, c + a, tp_s, ""))
+            if not args.markdown:
+                print(f"{name:<14}{method:<8}{c:>11.4f}{a:>12.4f}{c + a:>10.4f}{ref:>8.2f}{(c + a) / ref:>8.2f}")
         totals = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -89,7 +142,14 @@ def main() -> None:
             totals.append(time.perf_counter() - t0)
         t, ref = statistics.median(totals), REFERENCE_S[name]
         note = f"  untracked: {len(untracked)}" if untracked else ""
-        print(f"{name:<14}{'auto':<8}{'-':>11}{'-':>12}{t:>10.4f}{ref:>8.2f}{t / ref:>8.2f}{note}")
+        rows.append((name, "auto", None, None, t, tp_s, note.strip()))
+        if not args.markdown:
+            print(f"{name:<14}{'auto':<8}{'-':>11}{'-':>12}{t:>10.4f}{ref:>8.2f}{t / ref:>8.2f}{note}")
+            if tp_s is not None:
+                print(f"{name:<14}{'torch-pruning graph':<20}{tp_s:>18.4f}")
+    if args.markdown:
+        print()
+        print_markdown(rows)
 
 
 if __name__ == "__main__":

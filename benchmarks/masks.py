@@ -16,6 +16,7 @@ Usage::
 
     python benchmarks/masks.py
     python benchmarks/masks.py --repeats 7 --threads 1
+    python benchmarks/masks.py --markdown   # a markdown table (for benchmarks/run_all.py)
 
 Nothing is asserted: the script reports.
 """
@@ -77,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,6 +102,13 @@ def main() -> None:
 
     print(f"level, {LAYERS} x Linear({WIDTH}, {WIDTH}), sparse_ratio {RATIO}, {args.threads} thread(s), "
           f"median of {args.repeats}")
+    if args.markdown:
+        print()
+        print("| case | compress() s | floor s | ratio | sparsity | mask bytes/element |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, t_comp, t_floor, sparsity, bpe in rows:
+            print(f"| {name} | {t_comp:.3f} | {t_floor:.3f} | {t_comp / t_floor:.2f} | {sparsity:.4f} | {bpe:.2f} |")
+        return
     print(f"{'case':<10} {'compress s':>11} {'floor s':>8} {'ratio':>6} {'sparsity':>9} {'mask B/elem':>12}")
     for name, t_comp, t_floor, sparsity, bpe in rows:
         print(f"{name:<10} {t_comp:>11.3f} {t_floor:>8.3f} {t_comp / t_floor:>6.2f} {sparsity:>9.4f} {bpe:>12.2f}")
