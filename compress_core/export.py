@@ -10,7 +10,13 @@ post-processed with the ``onnx`` package:
   an int8 (or uint8) initializer feeding DequantizeLinear, and the float weight is dropped;
 * the float bias of a Conv/Gemm whose input and weight are both dequantized becomes an int32
   initializer with scale ``input_scale * weight_scale`` (zero point 0), which lets
-  onnxruntime fuse the node into an integer kernel (QLinearConv, QGemm, ...).
+  onnxruntime fuse the node into an integer kernel (QLinearConv, QGemm, ...);
+* a Linear on a 3-D+ input (``MatMul``) whose input is quantized becomes QuantizeLinear ->
+  MatMulInteger (weight stored ``[in, out]``) -> Cast -> Mul(scales) -> Add(bias), which
+  onnxruntime fuses into its MatMulIntegerToFloat kernel, instead of a float matmul on
+  dequantized values (issue #7);
+* a quantized embedding table is looked up as int8 rows that are dequantized after the
+  Gather (per-row scales gathered alongside), rather than dequantized whole on every call.
 
 :func:`save_quantized` / :func:`load_quantized` write and read a safetensors checkpoint that
 stores quantized parameters as integers next to their scales and zero points.
@@ -80,7 +86,9 @@ def export_onnx(
     int8/uint8 initializers, biases of quantized Conv/Gemm as int32. Bit widths below 8 are
     stored in the 8-bit container with the same scale and zero point, and activations are
     clipped to the narrower range before QuantizeLinear, so the values stay within
-    ``[qmin, qmax]``.
+    ``[qmin, qmax]``. A Linear on a 3-D+ input whose input is quantized per tensor becomes an
+    integer matmul (MatMulInteger, fused by onnxruntime into MatMulIntegerToFloat), and a
+    quantized embedding table is gathered as int8 rows (see docs/quantization.md).
 
     :param example_inputs: a tuple of positional arguments, as in ``torch.export``.
     :raises ExportError: for quantization that ONNX QDQ cannot express (block granularity).
@@ -117,6 +125,11 @@ def export_onnx(
     _fold_clips(proto)
     _fold_weights(proto)
     _quantize_biases(proto)
+    _integer_matmuls(proto)
+    # The Transposes _integer_matmuls bypassed would still read a (tied) table's DQ.
+    _drop_dead_nodes(proto)
+    _quantized_gathers(proto)
+    _drop_dead_nodes(proto)
     _drop_unused(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
@@ -258,6 +271,240 @@ def _quantize_biases(proto: Any) -> None:
         nodes = list(new_nodes) + list(proto.graph.node)
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
+
+
+def _consumers(proto: Any) -> dict[str, list[Any]]:
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _integer_weight(name: str, constants: dict[str, Any], producer: dict[str, Any]) -> Any:
+    """The DequantizeLinear of a constant 2-D integer weight that produces ``name``, if any."""
+    import numpy as np
+
+    node = producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in constants:
+        return None
+    value = constants[node.input[0]]
+    if value.ndim != 2 or value.dtype not in (np.int8, np.uint8):
+        return None
+    if any(i not in constants for i in node.input[1:]):
+        return None
+    return node
+
+
+def _integer_matmuls(proto: Any) -> None:
+    """Rewrite quantized ``Linear``s on 3-D+ inputs into integer matmuls with float output.
+
+    The exporter writes such a Linear as ``MatMul(DQ(Q(x)), Transpose(DQ(Wq))) -> Add(b)``,
+    which onnxruntime runs as a float Gemm on dequantized values (issue #7: all-MiniLM-L6-v2
+    at 1.16x the float32 latency). When the input is quantized per tensor it becomes::
+
+        QuantizeLinear(x, s_x, z_x) -> MatMulInteger(xq, Wq^T, z_x, z_w) -> Cast(float)
+            -> Mul(s_x * s_w) -> Add(b)
+
+    the simulation's arithmetic exactly: integer products accumulated in int32, times the
+    product of the scales (one per output column). Details, all measured with onnxruntime
+    1.32 (docs/quantization.md):
+
+    * ``Wq^T`` is the int8 weight stored as ``[in, out]``, so nothing is transposed per call;
+    * an int8 activation is quantized to uint8 with zero point ``z_x + 128`` (the same real
+      values): onnxruntime's x86 MatMulInteger has fast kernels for uint8 x int8 only;
+    * ``s_x`` reaches the scale ``Mul`` through ``DequantizeLinear(1, s_x)``, a node that
+      onnxruntime's constant folding leaves alone (it keeps QDQ nodes), so that the product
+      of the scales stays a ``Mul`` node: only then does onnxruntime fuse the chain, bias
+      included, into one MatMulIntegerToFloat kernel. Folded to a constant, the Cast, Mul
+      and Add would each make a pass over the output.
+
+    A Linear whose input is not quantized per tensor is left as exported (a float MatMul
+    on the dequantized, transposed int8 weight).
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = _constants(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    replaced: dict[int, list[Any]] = {}
+
+    def initializer(value: Any, name: str) -> str:
+        if name not in constants:
+            proto.graph.initializer.append(numpy_helper.from_array(value, name))
+            constants[name] = value
+        return name
+
+    for node in proto.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        transpose = producer.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose":
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        weight = _integer_weight(transpose.input[0], constants, producer)
+        if weight is None or perm != [1, 0]:
+            continue
+        w_value = constants[weight.input[0]]
+        w_scale = constants[weight.input[1]].astype(np.float32)
+        w_zero = (
+            constants[weight.input[2]]
+            if len(weight.input) > 2
+            else np.zeros(w_scale.shape, w_value.dtype)
+        )
+        per_column = w_scale.size > 1
+        if per_column and _axis(weight) % 2 != 0:
+            continue  # one scale per input channel cannot be applied after the matmul
+        activation = producer.get(node.input[0])
+        quantize = None
+        if activation is not None and activation.op_type == "DequantizeLinear":
+            quantize = producer.get(activation.input[0])
+        if (
+            activation is None
+            or quantize is None
+            or quantize.op_type != "QuantizeLinear"
+            or len(activation.input) < 3
+            or any(name not in constants for name in activation.input[1:])
+            or constants[activation.input[1]].size != 1
+        ):
+            # Weight-only: a float matmul on the dequantized weight, as exported (onnxruntime
+            # may still run it as MatMulNBits; see docs/quantization.md).
+            continue
+        base = weight.input[0]
+        w_t = initializer(np.ascontiguousarray(w_value.T), f"{base}_transposed")
+        w_s = initializer(w_scale, f"{base}_transposed_scale")
+        w_z = initializer(w_zero, f"{base}_transposed_zero_point")
+        x_scale = constants[activation.input[1]].astype(np.float32).reshape(())
+        x_zero = constants[activation.input[2]].reshape(())
+        if x_zero.dtype == np.int8:
+            x_zero = np.asarray(int(x_zero) + 128, np.uint8)
+        out = node.output[0]
+        x_s = initializer(x_scale, f"{out}_input_scale")
+        x_z = initializer(x_zero, f"{out}_input_zero_point")
+        one = initializer(np.asarray(1, np.int32), "compress_core_one_int32")
+        replaced[id(node)] = [
+            helper.make_node("QuantizeLinear", [quantize.input[0], x_s, x_z], [f"{out}_xq"]),
+            helper.make_node(
+                "MatMulInteger", [f"{out}_xq", w_t, x_z, w_z], [f"{out}_int32"], name=node.name
+            ),
+            helper.make_node("Cast", [f"{out}_int32"], [f"{out}_float"], to=TensorProto.FLOAT),
+            helper.make_node("DequantizeLinear", [one, x_s], [f"{out}_runtime_input_scale"]),
+            helper.make_node("Mul", [f"{out}_runtime_input_scale", w_s], [f"{out}_scale"]),
+            helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out]),
+        ]
+    if not replaced:
+        return
+    nodes = []
+    for node in proto.graph.node:
+        nodes.extend(replaced.get(id(node), [node]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _quantized_gathers(proto: Any) -> None:
+    """Gather the integer rows of a quantized embedding table, then dequantize only those.
+
+    Per-row (``per_channel``: dim 0 of the weight, one scale per token) quantization has no
+    DequantizeLinear form after the Gather (the rows' scales differ per looked-up id), and
+    dequantizing the whole table before it would cost a pass over the table per call. So
+    ``Gather(DQ(Wq), ids)`` becomes ``(Cast(Gather(Wq, ids)) - Gather(z, ids)) *
+    Gather(s, ids)`` with ``s``/``z`` stored as ``[rows, 1]`` (the Sub is left out for zero
+    zero points), and a per-tensor table ``DQ(Gather(Wq, ids))``. Values equal the
+    simulation's: dequantizing and gathering commute.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = _constants(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    consumers = _consumers(proto)
+    replaced: dict[int, list[Any]] = {}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        weight = _integer_weight(node.output[0], constants, producer)
+        users = consumers.get(node.output[0], [])
+        if weight is None or not users:
+            continue
+        if any(
+            u.op_type != "Gather" or u.input[0] != node.output[0] or _axis_or(u, 0) != 0
+            for u in users
+        ):
+            continue
+        scale = constants[node.input[1]].astype(np.float32)
+        zero = constants[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int8)
+        per_row = scale.size > 1 and _axis(node) % 2 == 0
+        table = node.input[0]
+        for user in users:
+            base, ids = user.output[0], user.input[1]
+            nodes = [helper.make_node("Gather", [table, ids], [f"{base}_integers"], axis=0)]
+            if not per_row:
+                # One scale per tensor or per column: DequantizeLinear after the Gather.
+                per_column: dict[str, Any] = {"axis": -1} if scale.size > 1 else {}
+                nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_integers", *node.input[1:]],
+                        [base],
+                        **per_column,
+                    )
+                )
+                replaced[id(user)] = nodes
+                continue
+            nodes.append(
+                helper.make_node(
+                    "Cast", [f"{base}_integers"], [f"{base}_cast"], to=TensorProto.FLOAT
+                )
+            )
+            current = f"{base}_cast"
+            if np.any(zero != 0):
+                zp_name = f"{table}_row_zero_points"
+                if zp_name not in constants:
+                    rows = zero.astype(np.float32).reshape(-1, 1)
+                    proto.graph.initializer.append(numpy_helper.from_array(rows, zp_name))
+                    constants[zp_name] = rows
+                nodes.append(
+                    helper.make_node("Gather", [zp_name, ids], [f"{base}_zero_points"], axis=0)
+                )
+                nodes.append(
+                    helper.make_node("Sub", [current, f"{base}_zero_points"], [f"{base}_centred"])
+                )
+                current = f"{base}_centred"
+            scale_name = f"{table}_row_scales"
+            if scale_name not in constants:
+                proto.graph.initializer.append(
+                    numpy_helper.from_array(scale.reshape(-1, 1), scale_name)
+                )
+                constants[scale_name] = scale
+            nodes.append(helper.make_node("Gather", [scale_name, ids], [f"{base}_scales"], axis=0))
+            nodes.append(helper.make_node("Mul", [current, f"{base}_scales"], [base]))
+            replaced[id(user)] = nodes
+    if not replaced:
+        return
+    nodes = []
+    for node in proto.graph.node:
+        nodes.extend(replaced.get(id(node), [node]))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _axis_or(node: Any, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == "axis":
+            return int(attribute.i)
+    return default
+
+
+def _drop_dead_nodes(proto: Any) -> None:
+    """Remove nodes whose outputs nothing reads (left behind by the rewrites above)."""
+    while True:
+        used = {name for node in proto.graph.node for name in node.input}
+        used |= {out.name for out in proto.graph.output}
+        kept = [node for node in proto.graph.node if any(out in used for out in node.output)]
+        if len(kept) == len(proto.graph.node):
+            return
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
 
 
 def _drop_unused(proto: Any) -> None:

@@ -299,3 +299,162 @@ def test_docs_example_runs(tmp_path, monkeypatch) -> None:
         np.abs(out - simulated).max() <= namespace["params"]["2"]["_output_"]["scale"].item() + 1e-6
     )
     assert (tmp_path / "model.safetensors").exists()
+
+
+# -- integer kernels: Linear on sequences, quantized embeddings (issue #7) --------------------
+
+
+def ort_optimized_ops(path, tmp_path) -> list[str]:
+    """The op types onnxruntime actually runs, after its graph optimizations."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    # EXTENDED holds the QDQ fusions; ALL adds only hardware-specific layout changes.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+SEQUENCE_LINEAR = [
+    {
+        "op_types": ["Linear"],
+        "target_names": ["_input_", "weight"],
+        "target_settings": {
+            "weight": {"granularity": "per_channel"},
+            "_input_": {"quant_scheme": "affine"},
+        },
+    }
+]
+
+
+def test_linear_on_sequences_runs_as_an_integer_matmul(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16) * 2 + 0.5  # affine: the zero point is not 0
+    model, x, result = calibrated(
+        "ptq", SEQUENCE_LINEAR, model=nn.Sequential(nn.Linear(16, 32)), x=x
+    )
+    with torch.no_grad():
+        simulated = model(x).numpy()
+    path = compress_core.export_onnx(model, (x,), tmp_path / "seq.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Transpose" not in ops and "MatMul" not in ops and ops.count("MatMulInteger") == 1
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    matmul = graph.node[ops.index("MatMulInteger")]
+    wq = inits[matmul.input[1]]
+    w_scale = result["0"]["weight"]["scale"].numpy().astype(np.float64)
+    w = model[0].weight.detach().numpy().astype(np.float64)
+    # Stored as [in, out] int8: the transposed integers of round(W / s) per output row.
+    assert wq.dtype == np.int8 and wq.shape == (16, 32)
+    np.testing.assert_array_equal(wq, np.clip(np.rint(w / w_scale[:, None]), -127, 127).T)
+    assert not any(v.dtype == np.float32 and v.size >= 16 * 32 for v in inits.values())
+    x_scale = np.float32(result["0"]["_input_0"]["scale"].item())
+    x_zero = int(result["0"]["_input_0"]["zero_point"].item())
+    assert x_zero != 0
+    # The int8 input runs as uint8 (x86's fast integer kernels): the zero point moves by 128.
+    x_zero_stored = inits[matmul.input[2]]
+    assert x_zero_stored.dtype == np.uint8 and int(x_zero_stored) == x_zero + 128
+    # onnxruntime fuses the chain (bias included) into its integer kernel.
+    optimized = ort_optimized_ops(path, tmp_path)
+    assert optimized.count("MatMulIntegerToFloat") == 1
+    assert not {"MatMul", "Gemm", "MatMulInteger", "Add"} & set(optimized)
+    out = run_ort(path, x)
+    # Reference: the integers QuantizeLinear computes (float32 division, half-to-even), their
+    # exact int32 products, rescaled by s_x * s_w in float64.
+    xq = np.clip(np.rint(x.numpy() / x_scale) + x_zero, -128, 127).astype(np.int64)
+    acc = (xq - x_zero) @ wq.astype(np.int64)
+    bias = model[0].bias.detach().numpy().astype(np.float64)
+    reference = acc * (float(x_scale) * w_scale) + bias
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5)
+    # The simulation computes the same numbers in float32: within far less than one step
+    # of the output (s_x * s_w, the value of one unit of the accumulator).
+    assert np.abs(out - simulated).max() <= float(x_scale) * w_scale.min()
+
+
+def test_linear_with_float_input_keeps_a_float_matmul_on_int8_weights(tmp_path) -> None:
+    config = [{"op_types": ["Linear"], "target_names": ["weight"], "granularity": "per_channel"}]
+    x = torch.randn(4, 6, 16)
+    model, x, _ = calibrated("ptq", config, model=nn.Sequential(nn.Linear(16, 32)), x=x)
+    with torch.no_grad():
+        simulated = model(x).numpy()
+    path = compress_core.export_onnx(model, (x,), tmp_path / "w.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "MatMul" in ops and "MatMulInteger" not in ops
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    assert [v.shape for v in inits.values() if v.dtype == np.int8 and v.ndim == 2] == [(32, 16)]
+    # The file computes the simulation: float arithmetic on the dequantized weight. (With its
+    # optimizations on, onnxruntime runs this as MatMulNBits, which also quantizes the float
+    # input on the fly: a documented difference, not the file's.)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, simulated, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "affine"])
+def test_embedding_exports_int8_rows_with_per_row_scales(tmp_path, scheme: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 12))
+    config = [
+        {
+            "op_types": ["Embedding"],
+            "target_names": ["weight"],
+            "granularity": "per_channel",
+            "quant_scheme": scheme,
+        }
+    ]
+    ids = torch.randint(0, 100, (3, 7))
+    model, _, result = calibrated("ptq", config, model=model, x=ids)
+    params = result["0"]["weight"]
+    # per_channel on a parameter is dim 0: for an Embedding, one scale per token (row).
+    assert params["scale"].shape == (100,)
+    with torch.no_grad():
+        simulated = model(ids).numpy()
+    path = compress_core.export_onnx(model, (ids,), tmp_path / "emb.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    tables = [v for v in inits.values() if v.shape == (100, 12)]
+    assert len(tables) == 1 and tables[0].dtype == np.int8
+    table = tables[0].astype(np.int64)
+    w = model[0].weight.detach().numpy().astype(np.float64)
+    scale = params["scale"].numpy().astype(np.float64)[:, None]
+    zero = params["zero_point"].numpy().astype(np.int64)[:, None]
+    assert (scheme == "affine") == bool(np.any(zero != 0))
+    np.testing.assert_array_equal(table, np.clip(np.rint(w / scale) + zero, -127, 127))
+    ops = [n.op_type for n in graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("Gather") >= 2  # rows, then their scales
+    out = run_ort(path, ids)
+    # Dequantizing the gathered rows is the simulation's gather of the dequantized table.
+    np.testing.assert_array_equal(out, simulated)
+    reference = (table[ids.numpy()] - zero[ids.numpy()]) * scale[ids.numpy()]
+    np.testing.assert_allclose(out, reference, rtol=1e-6, atol=0)
+
+
+def test_embedding_checkpoint_stores_int8_rows(tmp_path) -> None:
+    from safetensors import safe_open
+
+    config = [{"op_types": ["Embedding"], "target_names": ["weight"], "granularity": "per_channel"}]
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Embedding(1000, 64))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 9))
+    model, _, _ = calibrated("ptq", config, model=build(), x=ids)
+    with torch.no_grad():
+        simulated = model(ids)
+    path = compress_core.save_quantized(model, tmp_path / "emb.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_tensor("0.weight").dtype == torch.int8
+    # int8 rows plus one float scale and one int8 zero point per row: (64 + 5) / (64 * 4).
+    assert os.path.getsize(path) / (1000 * 64 * 4) < 0.28
+    torch.manual_seed(1)
+    fresh = build()
+    comp = compress_core.create("ptq", fresh, config)
+    fresh(ids)
+    comp.compress()
+    compress_core.load_quantized(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), simulated, atol=0, rtol=0)
