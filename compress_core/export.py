@@ -109,7 +109,7 @@ def export_onnx(
             torch.onnx.export(
                 model,
                 example_inputs,
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to files too
                 dynamo=False,
                 opset_version=OPSET,
                 do_constant_folding=True,

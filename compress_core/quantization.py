@@ -154,8 +154,8 @@ def _broadcast(
         for i, size in enumerate(block):
             scale = scale.repeat_interleave(size, dim=i)
             zero_point = zero_point.repeat_interleave(size, dim=i)
-        shape = (1,) * lead + tuple(scale.shape)
-        return scale.reshape(shape), zero_point.reshape(shape)
+        grid = (1,) * lead + tuple(scale.shape)
+        return scale.reshape(grid), zero_point.reshape(grid)
     if axis is None or scale.dim() == 0:
         return scale, zero_point
     shape = [1] * value.dim()
@@ -207,11 +207,11 @@ def fake_quantize(
         if scale.dtype != torch.float32 or scale.dim() != 0:
             scale = scale.to(torch.float32).reshape(())
         # Python's round() is half-to-even like torch.round, and costs no tensor op.
-        zero_point = float(params.zero_point)
-        if math.isfinite(zero_point):
-            zero_point = float(round(zero_point))
+        zero = float(params.zero_point)
+        if math.isfinite(zero):
+            zero = float(round(zero))
         return _PerTensorFakeQuantize.apply(
-            value, scale, params.qmin - zero_point, params.qmax - zero_point, in_range
+            value, scale, params.qmin - zero, params.qmax - zero, in_range
         )
     # Per-channel and blocks: torch's per-channel kernel is several times slower than
     # broadcast tensor ops on CPU.
