@@ -5,7 +5,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo quickstart test test-fast test-slow
+.PHONY: setup demo quickstart test test-fast test-slow lint
 
 $(STAMP): pyproject.toml constraints.txt examples/third_party_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,9 @@ test-fast: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m slow
+
+## Style and types: ruff over everything, mypy over the library and the built-in plugins.
+lint: $(STAMP)
+	$(PIP) -e '.[lint]'
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m mypy compress_core plugins

@@ -633,7 +633,7 @@ def test_global_equal_sizes_is_optimal(case, ratio):
 
 def test_global_group_errors():
     m = metric([1.0, 2.0])
-    with pytest.raises(ValueError, match="global group 'g'.*request 'b' uses sparse_threshold"):
+    with pytest.raises(ValueError, match=r"global group 'g'.*request 'b' uses sparse_threshold"):
         solve_masks([
             MaskRequest(key="a", metric=m, sparse_ratio=0.5, global_group_id="g"),
             MaskRequest(key="b", metric=m, sparse_threshold=0.5, global_group_id="g"),

@@ -289,7 +289,7 @@ def good_settings(n: int = 3) -> st.SearchStrategy:
 
 
 @st.composite
-def mutated_entry(draw, mutations: st.SearchStrategy[int] = st.integers(0, 2)) -> dict[str, Any]:
+def mutated_entry(draw, mutations: st.SearchStrategy[int] = st.integers(0, 2)) -> dict[str, Any]:  # noqa: B008  # hypothesis composites take strategies as defaults
     entry: dict[str, Any] = dict(draw(good_selector))
     if draw(st.booleans()):
         entry["target_names"] = draw(st.lists(good_target, min_size=1, max_size=3))

@@ -382,7 +382,7 @@ def test_docs_pruning_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 3  # other sections (dependency detection) add their own
     for block in blocks:
-        exec(compile(block, str(doc), "exec"), {"__name__": "pruning_md"})  # noqa: S102  (the docs' own examples)
+        exec(compile(block, str(doc), "exec"), {"__name__": "pruning_md"})
 
 
 def test_grouped_conv_and_dense_conv_share_channel_groups_with_internal_metric_block():

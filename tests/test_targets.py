@@ -13,7 +13,14 @@ import torch
 import torch.nn as nn
 
 from compress_core import ConfigError, ConfigWarning, canonicalize
-from compress_core.targets import TargetRef, get_input, get_output, map_output, resolve_target, set_input
+from compress_core.targets import (
+    TargetRef,
+    get_input,
+    get_output,
+    map_output,
+    resolve_target,
+    set_input,
+)
 
 
 class TwoArgs(nn.Module):
@@ -234,6 +241,7 @@ def test_get_and_set_keyword_only_input():
     kwargs = {"mask": m}
     args, new_kwargs = set_input(ref, (x,), kwargs, new)
     assert new_kwargs["mask"] is new and kwargs["mask"] is m  # the caller's dict is not mutated
+    assert len(args) == 1 and args[0] is x
 
 
 # -- outputs -------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_block_list_hides_it():
     assert host.plugins["example"].status == "disabled"
     assert host.plugins["example"].distribution == DISTRIBUTION
     assert "random" not in [m.name for m in host.list_methods()]
-    with pytest.raises(UnknownMethodError, match="registered: .*level"):
+    with pytest.raises(UnknownMethodError, match=r"registered: .*level"):
         host.method("random")
     with pytest.raises(UnknownMethodError):
         Orchestrator(make_model(), host=host).add(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["MobileNetV2", "mobilenet_v2", "imagenet_weights_path", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MobileNetV2", "imagenet_weights_path", "mobilenet_v2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,7 +38,7 @@ class ConvBNActivation(nn.Sequential):
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
-        hidden = int(round(cin * expand_ratio))
+        hidden = cin * expand_ratio
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand_ratio != 1:
