@@ -30,6 +30,10 @@ class Compressor:
     kind: ClassVar[str]
     setting_cls: ClassVar[type | None] = None
     params_cls: ClassVar[type | None] = None
+    needs_training: ClassVar[bool] = False
+    """Whether :meth:`compress` gives a meaningful result only after training steps
+    (``loss.backward()``, ``optimizer.step()``, :meth:`step`) with the method attached;
+    ``compress run`` then requires ``epochs`` on the step."""
 
     def __init__(self, model: nn.Module, records: list[TargetRecord], params: Any, *, method: str) -> None:
         self.model = model

@@ -76,6 +76,7 @@ class MovementHandler(MaskHandler):
 
 class MovementPruner(Pruner):
     params_cls: ClassVar[type | None] = MovementParams
+    needs_training: ClassVar[bool] = True
     default_granularity: ClassVar[str] = "out_channel"
     activation_statistic: ClassVar[str | None] = None
 

@@ -51,6 +51,8 @@ class ScheduleParams:
 
 class SchedulePruner(Compressor):
     kind: ClassVar[str] = "pruning"
+    # The schedule counts comp.step() calls; without them compress() is the one-shot method.
+    needs_training: ClassVar[bool] = True
 
     @staticmethod
     def fraction(x: float) -> float:

@@ -61,6 +61,7 @@ class ScaledMaskHandler(MaskHandler):
 
 class SlimPruner(Pruner):
     params_cls: ClassVar[type | None] = SlimParams
+    needs_training: ClassVar[bool] = True
     default_granularity: ClassVar[str] = "out_channel"
     activation_statistic: ClassVar[str | None] = None
 

@@ -58,6 +58,7 @@ class TaylorHandler(MaskHandler):
 
 class TaylorPruner(Pruner):
     params_cls: ClassVar[type | None] = TaylorParams
+    needs_training: ClassVar[bool] = True
     default_granularity: ClassVar[str] = "out_channel"
     activation_statistic: ClassVar[str | None] = None
 

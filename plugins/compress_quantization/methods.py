@@ -63,6 +63,7 @@ class Qat(Quantizer):
     """
 
     params_cls: ClassVar[type | None] = QatParams
+    needs_training: ClassVar[bool] = True
 
     def __init__(
         self, model: nn.Module, records: list[TargetRecord], params: Any, *, method: str
@@ -140,6 +141,7 @@ class Lsq(Quantizer):
 
     handler_cls: ClassVar[type[QuantHandler]] = _LearnedHandler
     learn_zero_point: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
@@ -291,6 +293,9 @@ class _BnnHandler(_FixedHandler):
 
 
 class _FixedQuantizer(Quantizer):
+    # DoReFa and BNN replace weights by coarse levels; only training makes that model useful.
+    needs_training: ClassVar[bool] = True
+
     def configure(self, handler: QuantHandler) -> None:
         handler.quantizing = True
 
