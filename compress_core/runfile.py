@@ -20,7 +20,10 @@ from .config import SettingError, field_names, read_data_file, structure_setting
 from .errors import ConfigError
 
 __all__ = [
+    "DEVICES",
+    "LOSSES",
     "STEP_KINDS",
+    "TRAINING_KEYS",
     "DistillStep",
     "ExportStep",
     "FactorySpec",
@@ -46,6 +49,37 @@ def _factory_path(instance: Any, attribute: attrs.Attribute, value: str) -> None
         )
 
 
+LOSSES = ("cross_entropy", "mse", "cosine")
+"""Built-in loss names; any other loss is an import path ``MODULE:FUNCTION``."""
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Values of the run file's ``device``."""
+
+
+def _loss(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is None or value in LOSSES:
+        return
+    module, sep, attr = value.rpartition(":")
+    if sep and module and attr:
+        return  # an import path: resolved (and its errors reported) before the model is built
+    close = difflib.get_close_matches(value, list(LOSSES), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise SettingError(
+        attribute.name,
+        f"unknown loss {value!r}{hint}; built-in losses: {', '.join(LOSSES)}, "
+        "or MODULE:FUNCTION / FILE.py:FUNCTION",
+    )
+
+
+def _device(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in DEVICES:
+        close = difflib.get_close_matches(str(value), list(DEVICES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SettingError(
+            attribute.name, f"must be one of {', '.join(DEVICES)}; got {value!r}{hint}"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class FactorySpec:
     """A callable named by import path, and the keyword arguments to call it with."""
@@ -58,7 +92,7 @@ class FactorySpec:
 
 @attrs.frozen(kw_only=True)
 class TrainStep:
-    """Fine-tune the current model on the training data (cross-entropy, Adam)."""
+    """Fine-tune the current model on the training data (the run's ``loss``, Adam)."""
 
     name: Optional[str] = None
     """Stage name in the report; default ``train``."""
@@ -68,6 +102,8 @@ class TrainStep:
     """Adam learning rate."""
     max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
     """Stop each epoch after this many batches (quick runs)."""
+    loss: Optional[str] = attrs.field(default=None, validator=_loss)
+    """Overrides the run file's ``loss`` for this step."""
     cache: bool = False
     """Keep the trained weights in ``<output>/cache/`` and reuse them on a later run whose
     model, data, seed and steps up to this one are the same (only before any prune step)."""
@@ -89,6 +125,16 @@ class PruneStep:
     """Run ``auto_set_dependency_group_ids`` on the config list first (coupled layers)."""
     speedup: bool = True
     """Replace the masked model with the physically smaller one (``compress_core.speedup``)."""
+    epochs: Optional[int] = attrs.field(default=None, validator=_positive)
+    """Train with the method attached for this many passes before the masks are computed
+    (methods that learn from gradients: ``taylor``, ``movement``, ``slim``, schedules).
+    Default: no training."""
+    lr: Optional[float] = attrs.field(default=None, validator=_positive)
+    """Adam learning rate of that training; default 0.001."""
+    max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
+    """Stop each epoch after this many batches."""
+    loss: Optional[str] = attrs.field(default=None, validator=_loss)
+    """Overrides the run file's ``loss`` for this step's training."""
 
 
 @attrs.frozen(kw_only=True)
@@ -109,22 +155,34 @@ class DistillStep:
     """Adam learning rate."""
     max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
     """Stop each epoch after this many batches."""
+    loss: Optional[str] = attrs.field(default=None, validator=_loss)
+    """Overrides the run file's ``loss`` as the task loss (weighted by ``origin_loss_lambda``)."""
 
 
 @attrs.frozen(kw_only=True)
 class QuantizeStep:
-    """Post-training quantization: attach the method, run calibration batches, freeze."""
+    """Attach a quantization method, optionally train with it (QAT), calibrate, freeze."""
 
     name: Optional[str] = None
     """Stage name in the report; default ``quantize``."""
     method: str = "ptq"
-    """A quantization method that calibrates without training (``ptq``)."""
+    """A quantization method; those that need training (``qat``, ``lsq``, ...) need ``epochs``."""
     params: Dict[str, Any] = attrs.field(factory=dict)
     """The method's keyword parameters (``observer``, ...)."""
     config_list: Tuple[Dict[str, Any], ...]
     """The quantization config list."""
     calibration_batches: int = attrs.field(default=8, validator=_positive)
-    """Training batches run through the model to observe activation ranges."""
+    """Training batches run through the model (eval mode, after any training) to observe
+    activation ranges."""
+    epochs: Optional[int] = attrs.field(default=None, validator=_positive)
+    """Quantization-aware training: passes over the training data with the method attached.
+    Default: no training (post-training quantization)."""
+    lr: Optional[float] = attrs.field(default=None, validator=_positive)
+    """Adam learning rate of that training; default 0.001."""
+    max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
+    """Stop each epoch after this many batches."""
+    loss: Optional[str] = attrs.field(default=None, validator=_loss)
+    """Overrides the run file's ``loss`` for this step's training."""
 
 
 @attrs.frozen(kw_only=True)
@@ -170,6 +228,14 @@ class RunFile:
     accuracy in percent."""
     metric: str = "accuracy (%)"
     """Name of the evaluation number in the report."""
+    loss: str = attrs.field(default="cross_entropy", validator=_loss)
+    """Training loss of every step that trains (a step's ``loss`` overrides it):
+    ``cross_entropy``, ``mse``, ``cosine`` (1 - cosine similarity along the last dim, mean over
+    the batch) or ``MODULE:FUNCTION`` / ``FILE.py:FUNCTION`` called as
+    ``fn(outputs, labels) -> scalar tensor``."""
+    device: str = attrs.field(default="auto", validator=_device)
+    """``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``), ``cpu`` or ``cuda``;
+    the process group of a ``torchrun`` launch is NCCL on CUDA and gloo on the CPU."""
     output: str
     """Output folder (relative to the current directory); replaced only by a finished run."""
     seed: int = 0
@@ -221,6 +287,7 @@ def parse_runfile(data: Any, *, base_dir: str | Path = ".") -> RunFile:
     if not runfile.steps:
         raise ConfigError("a run needs at least one step", key="steps")
     steps = runfile.parsed_steps()
+    _check_training_keys(steps)
     _check_order(steps)
     return runfile
 
@@ -242,6 +309,21 @@ def _check_keys(
             raise ConfigError(
                 f"unknown key {key!r}{hint}; known keys: {', '.join(known)}", key=path
             )
+
+
+TRAINING_KEYS = ("lr", "max_batches", "loss")
+"""Keys of prune and quantize steps that only mean something together with ``epochs``."""
+
+
+def _check_training_keys(steps: list[Step]) -> None:
+    for i, step in enumerate(steps):
+        if isinstance(step, (PruneStep, QuantizeStep)) and step.epochs is None:
+            for key in TRAINING_KEYS:
+                if getattr(step, key) is not None:
+                    raise ConfigError(
+                        f"'{key}' applies to the training of this step, which needs 'epochs'",
+                        key=f"steps[{i}].{key}",
+                    )
 
 
 def _check_order(steps: list[Step]) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import CompressError, ConfigError
 from .runfile import (
+    LOSSES,
     METHOD_KIND,
     DistillStep,
     ExportStep,
@@ -36,7 +37,16 @@ from .runfile import (
     load_runfile,
 )
 
-__all__ = ["StageResult", "accuracy", "check_against_model", "run", "run_file"]
+__all__ = [
+    "BUILTIN_LOSSES",
+    "StageResult",
+    "accuracy",
+    "check_against_model",
+    "cosine_loss",
+    "run",
+    "run_file",
+    "select_device",
+]
 
 MARKER = "run.json"
 
@@ -64,6 +74,112 @@ def accuracy(model: Callable[..., Any], batches: Iterable[Any]) -> float:
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
     return 100.0 * correct / max(total, 1)
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+
+def cosine_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``1 - cosine similarity`` of each output to its label along the last dim, batch mean."""
+    return (1.0 - nn.functional.cosine_similarity(outputs, labels, dim=-1)).mean()
+
+
+BUILTIN_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": nn.functional.cross_entropy,
+    "mse": nn.functional.mse_loss,
+    "cosine": cosine_loss,
+}
+"""The run file's built-in ``loss`` names, each called as ``fn(outputs, labels)``."""
+assert set(BUILTIN_LOSSES) == set(LOSSES)
+
+
+def _trains(step: Any) -> bool:
+    if isinstance(step, (TrainStep, DistillStep)):
+        return True
+    return isinstance(step, (PruneStep, QuantizeStep)) and step.epochs is not None
+
+
+def _resolve_losses(runfile: RunFile) -> dict[int, Callable[..., torch.Tensor]]:
+    """The loss function of every step that trains, by step index.
+
+    Import paths are imported here, before the model is built, so that a bad one is a
+    ConfigError naming the key that set it (the step's ``loss`` or the top-level one).
+    """
+    found: dict[int, Callable[..., torch.Tensor]] = {}
+    loaded: dict[str, Callable[..., torch.Tensor]] = {}
+    for i, step in enumerate(runfile.parsed_steps()):
+        if not _trains(step):
+            continue
+        spec = step.loss or runfile.loss
+        where = f"steps[{i}].loss" if step.loss else "loss"
+        if spec in BUILTIN_LOSSES:
+            found[i] = BUILTIN_LOSSES[spec]
+            continue
+        if spec not in loaded:
+            fn = _resolve(spec, runfile.base_dir, where)
+            if not callable(fn):
+                raise ConfigError(
+                    f"{spec!r} is a {type(fn).__name__}, not a function (outputs, labels) -> loss",
+                    key=where,
+                )
+            loaded[spec] = fn
+        found[i] = loaded[spec]
+    return found
+
+
+# -- devices --------------------------------------------------------------------------------
+
+
+def select_device(
+    setting: str = "auto",
+    *,
+    local_rank: int | None = None,
+    cuda_available: bool | None = None,
+    device_count: int | None = None,
+) -> tuple[str, str]:
+    """The torch device of this process and the process-group backend that goes with it.
+
+    ``auto`` is ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; ``cuda`` is
+    ``cuda:LOCAL_RANK`` and requires CUDA. The backend is ``nccl`` for CUDA and ``gloo`` for
+    the CPU (NCCL reduces only CUDA tensors, gloo is the CPU backend).
+
+    :param local_rank: default ``LOCAL_RANK`` from the environment (set by torchrun), else 0.
+    :param cuda_available: default ``torch.cuda.is_available()``.
+    :param device_count: default ``torch.cuda.device_count()`` when CUDA is available.
+    :raises ConfigError: ``cuda`` without CUDA, or a local rank without a GPU of its own.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if setting == "cpu" or (setting == "auto" and not cuda_available):
+        return "cpu", "gloo"
+    if setting not in ("auto", "cuda"):
+        raise ConfigError(f"must be one of auto, cpu, cuda; got {setting!r}", key="device")
+    if not cuda_available:
+        raise ConfigError(
+            "'cuda' was asked for but torch sees no CUDA device (use auto or cpu)", key="device"
+        )
+    if device_count is None:
+        device_count = torch.cuda.device_count()
+    if local_rank >= device_count:
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU of its own ({device_count} visible); "
+            "start at most one process per GPU or use device: cpu",
+            key="device",
+        )
+    return f"cuda:{local_rank}", "nccl"
+
+
+def _on(device: torch.device, batches: Iterable[Any]) -> Iterable[Any]:
+    """``(inputs, labels)`` batches moved to ``device`` (other batch forms pass unchanged)."""
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            yield type(batch)(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
+        elif isinstance(batch, torch.Tensor):
+            yield batch.to(device)
+        else:
+            yield batch
 
 
 # -- validation against the model -----------------------------------------------------------
@@ -108,6 +224,16 @@ def check_against_model(runfile: RunFile, model: nn.Module) -> None:
             raise ConfigError(
                 exc.reason, key=f"{where}.params" + (f".{exc.key}" if exc.key else "")
             ) from None
+        if (
+            isinstance(step, (PruneStep, QuantizeStep))
+            and step.epochs is None
+            and getattr(info.compressor, "needs_training", False)
+        ):
+            raise ConfigError(
+                f"'{info.name}' learns from training steps (loss.backward() and comp.step()); "
+                "set epochs (and optionally lr, max_batches, loss) on this step",
+                key=f"{where}.epochs",
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the same warnings come when the step runs
@@ -156,7 +282,7 @@ def _latency_ms(fn: Callable[[], Any], runs: int) -> float:
 def _float_size(model: nn.Module) -> int:
     import safetensors.torch
 
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     return len(safetensors.torch.save(state))
 
 
@@ -172,8 +298,8 @@ class OrtModel:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().numpy()})[:1]
-        return torch.from_numpy(out)
+        (out,) = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[:1]
+        return torch.from_numpy(out).to(x.device)
 
     def eval(self) -> OrtModel:
         return self
@@ -249,7 +375,7 @@ class _Ranks:
 _SINGLE = _Ranks()
 
 
-def _init_distributed() -> tuple[_Ranks, bool]:
+def _init_distributed(backend: str = "gloo") -> tuple[_Ranks, bool]:
     """The ranks of this process; initialises the process group when launched by torchrun.
 
     Returns ``(ranks, created)``: ``created`` says whether this call made the group (and so
@@ -265,9 +391,9 @@ def _init_distributed() -> tuple[_Ranks, bool]:
         return _SINGLE, False
     import torch.distributed as dist
 
-    # The runner keeps models and batches on the CPU, which NCCL cannot reduce; a caller that
-    # initialises an NCCL group itself (with a model on its GPU) is used as it is, above.
-    dist.init_process_group("gloo")
+    # The backend follows the run's device (select_device): NCCL reduces only CUDA tensors,
+    # gloo is the CPU's. A group the caller initialised itself is used as it is, above.
+    dist.init_process_group(backend)
     return _Ranks(dist.get_rank(), dist.get_world_size()), True
 
 
@@ -310,12 +436,25 @@ def _train(
     max_batches: int | None,
     log: _Log,
     desc: str,
-    extra_loss: Any = None,
+    loss_fn: Callable[..., torch.Tensor] = nn.functional.cross_entropy,
+    compressor: Any = None,
     ranks: _Ranks = _SINGLE,
+    device: torch.device | None = None,
 ) -> None:
-    params = list(model.parameters()) + (
-        list(extra_loss.parameters()) if extra_loss is not None else []
-    )
+    """Adam on ``loss_fn(model(x), y)`` with ``compressor`` attached, as a user's loop would.
+
+    The compressor's extra tensors join the optimizer (once: trainable state registered on the
+    model is already among its parameters), its ``loss()`` is added to the task loss (a
+    distiller weights the task loss itself: ``total_loss``) and ``step()`` follows every
+    optimizer step.
+    """
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    extra = list(compressor.parameters()) if compressor is not None else []
+    for p in list(model.parameters()) + extra:
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
     optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     forward: Callable[[torch.Tensor], torch.Tensor] = model
@@ -325,22 +464,32 @@ def _train(
         # DDP averages the model's gradients; a distiller's own parameters (adapters) are
         # averaged by the distiller, which registers its own hooks under torch.distributed.
         forward = DistributedDataParallel(model)
+    total_loss = getattr(compressor, "total_loss", None)
     for epoch in range(epochs):
-        bar = log.progress(
-            _shard(_batches(train, max_batches), ranks),
-            f"{desc} {epoch + 1}/{epochs}",
-            _len(train, max_batches),
-        )
+        batches: Iterable[Any] = _shard(_batches(train, max_batches), ranks)
+        if device is not None:
+            batches = _on(device, batches)
+        bar = log.progress(batches, f"{desc} {epoch + 1}/{epochs}", _len(train, max_batches))
         for x, y in bar:
             optimizer.zero_grad()
-            task = nn.functional.cross_entropy(forward(x), y)
-            loss = extra_loss.total_loss(task) if extra_loss is not None else task
+            task = loss_fn(forward(x), y)
+            if not isinstance(task, torch.Tensor) or task.dim() != 0:
+                got = tuple(task.shape) if isinstance(task, torch.Tensor) else type(task).__name__
+                raise CompressError(
+                    f"{desc}: the loss function must return a scalar tensor, got {got}"
+                )
+            if compressor is None:
+                loss = task
+            elif callable(total_loss):
+                loss = total_loss(task)
+            else:
+                loss = task + compressor.loss().to(task.device)
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: the loss became {loss.item()} (lower lr?)")
             loss.backward()
             optimizer.step()
-            if extra_loss is not None:
-                extra_loss.step()
+            if compressor is not None:
+                compressor.step()
     # No DDP wrapper outlives the loop: the next step may replace or restructure the model.
     del forward
     model.eval()
@@ -351,6 +500,7 @@ def _cache_key(runfile: RunFile, upto: int) -> str:
         "model": attrs.asdict(runfile.model),
         "data": attrs.asdict(runfile.data),
         "seed": runfile.seed,
+        "loss": runfile.loss,
         "steps": list(runfile.steps[: upto + 1]),
         "torch": torch.__version__,
     }
@@ -380,9 +530,12 @@ def run(runfile: RunFile, *, output: str | Path | None = None, quiet: bool = Fal
             f"output folder {out} exists and is not a compress run; refusing to replace it",
             key="output",
         )
-    ranks, created = _init_distributed()
+    device, backend = select_device(runfile.device)
+    ranks, created = _init_distributed(backend)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     try:
-        return _run(runfile, out, quiet, ranks)
+        return _run(runfile, out, quiet, ranks, torch.device(device))
     finally:
         if created:
             import torch.distributed as dist
@@ -390,7 +543,7 @@ def run(runfile: RunFile, *, output: str | Path | None = None, quiet: bool = Fal
             dist.destroy_process_group()
 
 
-def _run(runfile: RunFile, out: Path, quiet: bool, ranks: _Ranks) -> Path:
+def _run(runfile: RunFile, out: Path, quiet: bool, ranks: _Ranks, device: torch.device) -> Path:
     log = _Log(quiet or not ranks.main)
     torch.manual_seed(runfile.seed)
     model_factory = _resolve(runfile.model.factory, runfile.base_dir, "model.factory")
@@ -398,18 +551,21 @@ def _run(runfile: RunFile, out: Path, quiet: bool, ranks: _Ranks) -> Path:
     evaluate = (
         _resolve(runfile.evaluate, runfile.base_dir, "evaluate") if runfile.evaluate else accuracy
     )
+    losses = _resolve_losses(runfile)
     model = model_factory(**runfile.model.kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"the factory returned {type(model).__name__}, not an nn.Module", key="model.factory"
         )
     check_against_model(runfile, model)
+    model.to(device)
     loaded = data_factory(**runfile.data.kwargs)
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
         raise ConfigError("the data factory must return (train, eval)", key="data.factory")
     train, evaluation = loaded
     first = next(iter(evaluation))
     x_eval = first[0] if isinstance(first, (tuple, list)) else first
+    x_eval = x_eval.to(device)
     example = (x_eval[:1],)
 
     if ranks.main:
@@ -424,8 +580,9 @@ def _run(runfile: RunFile, out: Path, quiet: bool, ranks: _Ranks) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="compress-run-rank"))
     try:
         results = _execute(
-            runfile, model, train, evaluation, evaluate, example, x_eval, tmp, out, log, ranks
-        )
+            runfile, model, train, evaluation, evaluate, example, x_eval, tmp, out, log, ranks,
+            losses=losses, device=device,
+        )  # fmt: skip
         if ranks.main:
             _write_report(runfile, results, tmp, log)
             _finish(tmp, out)
@@ -463,6 +620,9 @@ def _execute(
     out: Path,
     log: _Log,
     ranks: _Ranks = _SINGLE,
+    *,
+    losses: dict[int, Callable[..., torch.Tensor]],
+    device: torch.device,
 ) -> dict[str, Any]:
     import compress_core
 
@@ -472,6 +632,7 @@ def _execute(
     teacher: nn.Module | None = None
     quantizer = None
     quant_config: list[dict[str, Any]] | None = None
+    quant_method: str | None = None
     onnx_path: Path | None = None
     saved_float = False
 
@@ -487,7 +648,8 @@ def _execute(
             return  # every rank holds the same model: one evaluation is the result
         log.info(f"  evaluating {name}")
         metric = evaluate(
-            ort if ort is not None else model, log.progress(evaluation, f"eval {name}")
+            ort if ort is not None else model,
+            _on(device, log.progress(evaluation, f"eval {name}")),
         )
         with torch.no_grad():
             latency = _latency_ms(lambda: model(x_eval), runfile.latency_runs)
@@ -549,7 +711,9 @@ def _execute(
                         max_batches=step.max_batches,
                         log=log,
                         desc=f"train {name}",
+                        loss_fn=losses[i],
                         ranks=ranks,
+                        device=device,
                     )
                 if step.cache and ranks.main:
                     import safetensors.torch
@@ -563,6 +727,20 @@ def _execute(
                 if step.auto_dependency:
                     config = compress_core.auto_set_dependency_group_ids(model, config, example)
                 pruner = compress_core.create(step.method, model, config, **step.params)
+                if step.epochs is not None:
+                    _train(
+                        model,
+                        train,
+                        epochs=step.epochs,
+                        lr=step.lr if step.lr is not None else 1e-3,
+                        max_batches=step.max_batches,
+                        log=log,
+                        desc=f"prune {name}",
+                        loss_fn=losses[i],
+                        compressor=pruner,
+                        ranks=ranks,
+                        device=device,
+                    )
                 masks = pruner.compress()
                 for module_name, targets in masks.items():
                     mask = targets.get("weight")
@@ -588,8 +766,10 @@ def _execute(
                         max_batches=step.max_batches,
                         log=log,
                         desc=f"distill {name}",
-                        extra_loss=distiller,
+                        loss_fn=losses[i],
+                        compressor=distiller,
                         ranks=ranks,
+                        device=device,
                     )
                 finally:
                     distiller.close()  # type: ignore[attr-defined]  # distillers remove their hook
@@ -599,11 +779,26 @@ def _execute(
                 saved_float = True
                 model.eval()
                 quant_config = list(step.config_list)
+                quant_method = step.method
                 quantizer = compress_core.create(step.method, model, quant_config, **step.params)
+                if step.epochs is not None:
+                    _train(
+                        model,
+                        train,
+                        epochs=step.epochs,
+                        lr=step.lr if step.lr is not None else 1e-3,
+                        max_batches=step.max_batches,
+                        log=log,
+                        desc=f"quantize {name}",
+                        loss_fn=losses[i],
+                        compressor=quantizer,
+                        ranks=ranks,
+                        device=device,
+                    )
                 with torch.no_grad():
                     # Observers see this rank's slice; the quantizer reduces min/max over ranks.
                     for x, _ in log.progress(
-                        _shard(_batches(train, step.calibration_batches), ranks),
+                        _on(device, _shard(_batches(train, step.calibration_batches), ranks)),
                         f"calibrate {name}",
                         _len(train, step.calibration_batches),
                     ):
@@ -643,6 +838,7 @@ def _execute(
         "stages": stages,
         "sparsity": sparsity,
         "quant_config": quant_config,
+        "quant_method": quant_method,
         "onnx": onnx_path.name if onnx_path else None,
     }
 
@@ -766,6 +962,7 @@ def _write_report(runfile: RunFile, results: dict[str, Any], tmp: Path, log: _Lo
         "stages": [attrs.asdict(s) for s in stages],
         "sparsity": sparsity,
         "quantize_config_list": results["quant_config"],
+        "quantize_method": results["quant_method"],
         "steps": list(runfile.steps),
     }
     (tmp / MARKER).write_text(json.dumps(summary, indent=1, default=str))

@@ -22,7 +22,10 @@ EXAMPLE = ROOT / "examples" / "minilm"
 
 
 def tiny(output: Path) -> dict:
-    """The shipped run file on the first 2 of 6 layers, 32 + 32 sentences of 24 tokens."""
+    """The shipped run file on the first 2 of 6 layers, 32 + 32 sentences of 24 tokens.
+
+    The recovery step keeps its shipped settings (its epochs over 32 sentences are 2 batches).
+    """
     import yaml
 
     data = yaml.safe_load((EXAMPLE / "run.yaml").read_text())
@@ -34,7 +37,8 @@ def tiny(output: Path) -> dict:
     data["evaluate"] = f"{EXAMPLE / 'data.py'}:cosine_similarity"
     data["output"] = str(output)
     data["latency_runs"] = 1
-    data["steps"][1]["calibration_batches"] = 2
+    assert [s["kind"] for s in data["steps"]] == ["prune", "train", "quantize", "export"]
+    data["steps"][2]["calibration_batches"] = 2
     return data
 
 
@@ -52,9 +56,12 @@ def test_the_shipped_run_file_fits_the_real_model():
     from examples.minilm.model import build
 
     runfile = load_runfile(EXAMPLE / "run.yaml")
-    assert [type(s).__name__ for s in runfile.parsed_steps()] == [
-        "PruneStep", "QuantizeStep", "ExportStep",
+    steps = runfile.parsed_steps()
+    assert [type(s).__name__ for s in steps] == [
+        "PruneStep", "TrainStep", "QuantizeStep", "ExportStep",
     ]  # fmt: skip
+    # Recovery regresses the labels, which are the original model's embeddings.
+    assert steps[1].loss == "cosine"
     check_against_model(runfile, build())  # raises ConfigError on a regex that selects nothing
 
 
@@ -62,7 +69,7 @@ def test_the_shipped_run_file_fits_the_real_model():
 def test_tiny_minilm_run_prunes_whole_heads_and_ffn_units(minilm_run):
     summary = json.loads((minilm_run / "run.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
-    assert list(stages) == ["initial", "prune", "quantize", "export"]
+    assert list(stages) == ["initial", "prune", "recover", "quantize", "export"]
     # The unchanged model reproduces the labels (the original's embeddings) exactly.
     assert stages["initial"]["metric"] == pytest.approx(100.0, abs=1e-4)
     # Per layer: FFN 1536 -> 768 hidden units removes 768 * (384 + 1) + 768 * 384 parameters;
@@ -73,9 +80,14 @@ def test_tiny_minilm_run_prunes_whole_heads_and_ffn_units(minilm_run):
     shapes = json.loads((minilm_run / "model" / "pruned.json").read_text())
     text = json.dumps(shapes)
     assert "288" in text and "768" in text
-    # Pruning costs similarity; int8 and its ONNX export keep what pruning left.
-    assert 50.0 < stages["prune"]["metric"] < 99.9
-    assert stages["quantize"]["metric"] == pytest.approx(stages["prune"]["metric"], abs=2.0)
+    # Pruning costs similarity on the held-out sentences; the recovery step wins back at least a
+    # third of what was lost (measured: 88.2 -> 95.6, 63% of the gap); int8 and its ONNX export
+    # keep most of it.
+    pruned, recovered = stages["prune"]["metric"], stages["recover"]["metric"]
+    assert 50.0 < pruned < 99.9
+    assert recovered > pruned + (100.0 - pruned) / 3
+    assert stages["recover"]["parameters"] == stages["prune"]["parameters"]
+    assert stages["quantize"]["metric"] == pytest.approx(recovered, abs=3.0)
     assert stages["export"]["metric"] == pytest.approx(stages["quantize"]["metric"], abs=0.5)
     assert stages["export"]["size_bytes"] < stages["initial"]["size_bytes"]
 
@@ -89,9 +101,10 @@ def test_the_saved_model_reproduces_the_reported_similarity(minilm_run):
     model = compress_core.load_pruned(build(layers=2), minilm_run / "model")
     _, evaluation = data.load(batch_size=16, train_size=32, eval_size=32, max_length=24, layers=2)
     summary = json.loads((minilm_run / "run.json").read_text())
-    prune = next(s for s in summary["stages"] if s["name"] == "prune")
+    # The float model saved is the last float stage's: the recovered one.
+    recovered = next(s for s in summary["stages"] if s["name"] == "recover")
     assert model.bert.encoder.layer[0].attention.self.query.out_features == 288
     assert model.bert.encoder.layer[1].intermediate.dense.out_features == 768
     with torch.no_grad():
         got = data.cosine_similarity(model.eval(), evaluation)
-    assert got == pytest.approx(prune["metric"], abs=1e-3)
+    assert got == pytest.approx(recovered["metric"], abs=1e-3)

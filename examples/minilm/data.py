@@ -38,7 +38,8 @@ def load(
 ) -> tuple[DataLoader, DataLoader]:
     """``(train, eval)`` loaders of ``(token ids [B, max_length], original embeddings [B, 384])``.
 
-    ``train`` only calibrates the quantizer here (no step of the run file trains).
+    ``train`` is what the recovery step regresses (the original's embeddings, the labels, with
+    ``loss: cosine``) and what calibrates the quantizer.
     :param layers: must equal the model factory's ``layers`` (the labels come from that model).
     """
     from transformers import AutoTokenizer
