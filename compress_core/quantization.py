@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -37,6 +38,8 @@ __all__ = [
 # A scale of exactly 0 (a constant-zero tensor) would divide by zero; ONNX also requires
 # scale > 0.
 MIN_SCALE = 1e-12
+
+_FLOAT32 = struct.Struct("f")
 
 
 def quant_range(quant_dtype: str) -> tuple[int, int]:
@@ -176,7 +179,11 @@ def dequantize(q: torch.Tensor, params: QuantParams) -> torch.Tensor:
 
 
 def fake_quantize(
-    value: torch.Tensor, params: QuantParams, *, in_range: bool = False
+    value: torch.Tensor,
+    params: QuantParams,
+    *,
+    in_range: bool = False,
+    value_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``value``; the gradient is the clipped straight-through estimate.
 
@@ -187,6 +194,9 @@ def fake_quantize(
     ``in_range=True`` promises that no element of ``value`` lies outside the range the scale
     covers (e.g. a symmetric per-tensor scale computed from this very tensor's min/max), so
     the check for clipped elements is skipped on the fast CPU path; the result is the same.
+    ``value_range`` (``lo, hi``) bounds ``value`` from below and above (e.g. the min/max just
+    observed from it): per tensor on CPU, the clipping check is then two scalar products
+    instead of a pass over the tensor; the result is the same.
     """
     if torch.onnx.is_in_onnx_export():
         return _export_qdq(value, params)
@@ -203,22 +213,51 @@ def fake_quantize(
         # backward as much again), the largest cost of a QAT step. The same arithmetic as
         # vectorized tensor ops: it multiplies by the float32 reciprocal of the scale, so this
         # is bitwise its result.
-        scale = params.scale
-        if scale.dtype != torch.float32 or scale.dim() != 0:
-            scale = scale.to(torch.float32).reshape(())
+        # Python floats holding float32 values: a tensor op with a Python scalar casts it to
+        # float32 exactly, and skips the slower tensor-by-0-dim-tensor path.
+        step = _f32(float(params.scale))
+        # 1/s in double rounded to float32 is the float32 quotient (double rounding is
+        # innocuous for a division), i.e. torch.reciprocal's result.
+        inv = _f32(1.0 / step) if step != 0.0 else math.copysign(math.inf, step)
         # Python's round() is half-to-even like torch.round, and costs no tensor op.
         zero = float(params.zero_point)
         if math.isfinite(zero):
             zero = float(round(zero))
-        return _PerTensorFakeQuantize.apply(
-            value, scale, params.qmin - zero, params.qmax - zero, in_range
-        )
+        low, high = params.qmin - zero, params.qmax - zero
+        if not in_range and value_range is not None:
+            in_range = _range_in_grid(value_range, inv, low, high)
+        return _PerTensorFakeQuantize.apply(value, step, inv, low, high, in_range)
     # Per-channel and blocks: torch's per-channel kernel is several times slower than
     # broadcast tensor ops on CPU.
     scale, zero_point = params.broadcast(value)
     return _BroadcastFakeQuantize.apply(
         value, scale.to(value.dtype), zero_point.round().to(value.dtype), params.qmin, params.qmax
     )
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as a Python float)."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+    except OverflowError:  # rounds beyond the largest float32
+        return math.copysign(math.inf, x)
+
+
+def _range_in_grid(value_range: tuple[float, float], inv: float, low: float, high: float) -> bool:
+    """Whether ``round(x * inv)`` lies in ``[low, high]`` for every ``x`` in ``value_range``.
+
+    ``x -> round(fl(x * inv))`` is monotonic for ``inv > 0``, so the grid values of the
+    bounds are the grid range of everything between them. The product of two float32
+    numbers is exact in double, so rounding it to float32 gives the float32 product the
+    kernel computes.
+    """
+    lo, hi = value_range
+    if not (inv > 0.0 and math.isfinite(inv)):
+        return False
+    q_lo, q_hi = _f32(lo * inv), _f32(hi * inv)
+    if not (math.isfinite(q_lo) and math.isfinite(q_hi)):
+        return False  # also NaN bounds
+    return low <= round(q_lo) and round(q_hi) <= high
 
 
 def _clip(q: torch.Tensor, low: float, high: float) -> torch.Tensor | None:
@@ -230,7 +269,8 @@ def _clip(q: torch.Tensor, low: float, high: float) -> torch.Tensor | None:
     """
     if q.device.type == "cpu":
         # The check reads two numbers back; on an accelerator that would be a host sync.
-        lo, hi = torch.aminmax(q)
+        # amin + amax rather than aminmax: its full reduction is the slower one on CPU.
+        lo, hi = q.amin(), q.amax()
         if float(lo) >= low and float(hi) <= high:
             return None
     inside = (q >= low) & (q <= high)
@@ -251,19 +291,21 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
     """``(clamp(round(x * (1/s)), low, high)) * s`` with the clipped straight-through gradient.
 
     ``low``/``high`` are ``qmin - zero_point`` and ``qmax - zero_point``: on the integer grid,
-    ``clamp(q + z, qmin, qmax) - z`` is exactly this.
+    ``clamp(q + z, qmin, qmax) - z`` is exactly this. ``scale`` and ``inv = fl(1/s)`` are
+    Python floats holding float32 values.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         value: torch.Tensor,
-        scale: torch.Tensor,
+        scale: float,
+        inv: float,
         low: float,
         high: float,
         in_range: bool = False,
     ) -> torch.Tensor:  # type: ignore[override]
-        q = torch.mul(value, torch.reciprocal(scale)).round_()
+        q = torch.mul(value, inv).round_()
         inside = None if in_range else _clip(q, low, high)
         ctx.clipped = inside is not None
         if inside is not None:
@@ -272,7 +314,7 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        return _masked_grad(ctx, grad), None, None, None, None
+        return _masked_grad(ctx, grad), None, None, None, None, None
 
 
 class _BroadcastFakeQuantize(torch.autograd.Function):

@@ -191,3 +191,85 @@ def test_qat_activation_beyond_its_ema_range_is_clipped_within_it_is_not():
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)
         assert bool((ref_x.grad == 0).any()) == clipped
+
+
+# -- the clipping check from observed bounds ---------------------------------------------------
+
+
+def _fq_with_grad(value: torch.Tensor, params: QuantParams, **kwargs):
+    v = value.detach().clone().requires_grad_()
+    out = fake_quantize(v, params, **kwargs)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return out.detach(), v.grad
+
+
+@pytest.mark.parametrize(
+    ("edges", "clipped"),
+    [
+        # A scale of 2^-7: x * (1/s) is exact, so these land on half steps of the grid.
+        ((-126.5, 126.5), False),  # half steps round to the even 126: nothing leaves [-127, 127]
+        ((-127.0, 127.0), False),  # exactly the grid's ends
+        ((-127.25, 127.49), False),
+        ((-126.0, 127.5), True),  # 127.5 rounds to 128
+        ((-127.5, 100.0), True),  # -127.5 rounds to -128
+        ((-300.0, 300.0), True),
+    ],
+)
+def test_value_range_shortcut_is_bitwise_the_general_path(edges, clipped):
+    torch.manual_seed(5)
+    scale = 2.0**-7
+    lo, hi = edges
+    grid = torch.rand(64, 50) * (hi - lo) + lo
+    grid[0, :2] = torch.tensor([lo, hi])
+    grid[1, :4] = torch.tensor([0.5, -0.5, 1.5, -2.5])
+    value = grid * scale
+    params = QuantParams(scale=torch.tensor(scale), zero_point=torch.tensor(0.0), qmin=-127, qmax=127)
+    bounds = (float(value.min()), float(value.max()))
+    fast_out, fast_grad = _fq_with_grad(value, params, value_range=bounds)
+    out, grad = _fq_with_grad(value, params)
+    ref_out, ref_in = _reference_per_tensor(value, scale, 0, -127, 127)
+    ref_out.backward(torch.linspace(-1, 1, ref_out.numel()).reshape(ref_out.shape))
+    for o, g in ((fast_out, fast_grad), (out, grad)):
+        torch.testing.assert_close(o, ref_out.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(g, ref_in.grad, rtol=0, atol=0)
+    assert bool((ref_in.grad == 0).any()) == clipped
+
+
+def test_range_in_grid_agrees_with_the_rounded_tensor_on_random_scales():
+    from compress_core.quantization import _range_in_grid
+
+    generator = torch.Generator().manual_seed(6)
+    disagreements = 0
+    outcomes = set()
+    for _ in range(300):
+        scale = float(torch.rand((), generator=generator) * 0.1 + 1e-4)
+        # Ranges around the grid's ends, so that both answers occur often.
+        value = torch.randn(500, generator=generator) * scale * 127 * 0.34
+        zero = int(torch.randint(-3, 4, (), generator=generator))
+        low, high = -127.0 - zero, 127.0 - zero
+        params = QuantParams(
+            scale=torch.tensor(scale), zero_point=torch.tensor(float(zero)), qmin=-127, qmax=127
+        )
+        s = params.scale.to(torch.float32)
+        q = torch.round(value * torch.reciprocal(s))  # the kernel's grid values, before clamping
+        expected = bool(q.min() >= low) and bool(q.max() <= high)
+        inv = float(torch.reciprocal(s))
+        got = _range_in_grid((float(value.min()), float(value.max())), inv, low, high)
+        disagreements += got != expected
+        outcomes.add(expected)
+        out, grad = _fq_with_grad(value, params, value_range=(float(value.min()), float(value.max())))
+        ref_out, ref_grad = _fq_with_grad(value, params)
+        assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert disagreements == 0
+    assert outcomes == {True, False}
+
+
+def test_range_in_grid_refuses_non_finite_bounds_and_scales():
+    from compress_core.quantization import _range_in_grid
+
+    assert not _range_in_grid((float("nan"), 1.0), 10.0, -127, 127)
+    assert not _range_in_grid((-1.0, float("inf")), 10.0, -127, 127)
+    assert not _range_in_grid((-1.0, 1.0), float("inf"), -127, 127)
+    assert not _range_in_grid((-1.0, 1.0), 1e39, -127, 127)  # products beyond float32
+    assert _range_in_grid((-1.0, 1.0), 127.0, -127, 127)
+    assert not _range_in_grid((-1.0, 1.0), 127.5, -127, 127)  # 127.5 rounds to 128

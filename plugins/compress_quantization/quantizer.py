@@ -169,17 +169,16 @@ class QuantHandler:
         """EMA decay of activation statistics; ``None`` tracks the overall min/max."""
         self.track_current = False
         """Parameters: the range of the current value (QAT weights change every step)."""
-        self._covered: torch.Tensor | None = None
-        """The tensor whose own finite min/max a symmetric per-tensor scale was just set from:
-        nothing in it can be clipped (``|x| * (1/s)`` stays below 127.5 for ``s = amax/127``),
-        so fake quantization may skip its clipping check."""
+        self._batch: tuple[torch.Tensor, float, float] | None = None
+        """The tensor just observed per tensor with its min and max: fake quantization checks
+        for clipping from these two numbers instead of a pass over the tensor."""
 
     # -- the Handler protocol ---------------------------------------------------------------
 
     def __call__(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
         # Only an observation within this call vouches for the value (a parameter may have
         # changed in place since an earlier one, e.g. in freeze()).
-        self._covered = None
+        self._batch = None
         exporting = torch.onnx.is_in_onnx_export()
         fold = self.fold if self.fold is not None and self.fold.active() else None
         if fold is not None:
@@ -192,13 +191,13 @@ class QuantHandler:
             if (exporting or self.quantizer.quantizing(self))
             else value
         )
-        self._covered = None
+        self._batch = None
         if fold is not None and not exporting:
             out = out / k
         return out
 
     def bake(self, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
-        self._covered = None
+        self._batch = None
         if not self.quantizing:
             return value
         if self.fold is not None:
@@ -272,8 +271,10 @@ class QuantHandler:
 
     def batch_range(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.observer == "minmax" and self.axis is None and self.block is None:
-            # Per tensor: one pass over the flat tensor (aminmax is slow only with a dim).
-            lo, hi = torch.aminmax(value.detach().to(torch.float32).reshape(-1))
+            # Per tensor: amin and amax over the flat tensor. Not aminmax: on CPU its full
+            # reduction takes ~1.6x the two vectorized passes (164 against 98 us for 1M floats).
+            flat = value.detach().to(torch.float32).reshape(-1)
+            lo, hi = flat.amin(), flat.amax()
             return _all_reduce(lo, "min"), _all_reduce(hi, "max")
         rows = self.reduce_dims(value.detach().to(torch.float32))
         shape = self.grid_shape(value)
@@ -319,16 +320,11 @@ class QuantHandler:
             seen.add_(1)
             self.update_qparams(module)
             if (
-                self.scheme == "symmetric"
-                and lo.dim() == 0
-                and self.observer == "minmax"
+                lo.dim() == 0
+                and self.observer == "minmax"  # the other observers' ranges are not bounds
                 and value.device.type == "cpu"  # reading the numbers back is free only here
             ):
-                # A symmetric scale s = fl(A/steps) of a range A >= max|x| leaves every
-                # |x * fl(1/s)| under steps + 0.5: nothing rounds outside the grid.
-                batch = max(abs(float(lo)), abs(float(hi)))
-                if batch <= max(abs(float(new_lo)), abs(float(new_hi))) < math.inf:
-                    self._covered = value
+                self._batch = (value, float(lo), float(hi))
 
     def update_qparams(self, module: nn.Module) -> None:
         buffers = module._buffers
@@ -347,8 +343,9 @@ class QuantHandler:
             if not self.is_parameter:
                 return value  # never calibrated: nothing to quantize with yet
             self.observe(module, value)
-        in_range, self._covered = self._covered is value, None
-        return fake_quantize(value, self.quant_params(module), in_range=in_range)
+        batch, self._batch = self._batch, None
+        value_range = batch[1:] if batch is not None and batch[0] is value else None
+        return fake_quantize(value, self.quant_params(module), value_range=value_range)
 
 
 def state(module: nn.Module, name: str) -> torch.Tensor:
