@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+DEFAULT_LR = 1e-3
+"""Adam learning rate of every training step that does not set ``lr``."""
+
+
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and value <= 0:
         raise SettingError(attribute.name, f"must be positive, got {value!r}")
@@ -98,7 +102,7 @@ class TrainStep:
     """Stage name in the report; default ``train``."""
     epochs: int = attrs.field(default=1, validator=_positive)
     """Passes over the training data."""
-    lr: float = attrs.field(default=1e-3, validator=_positive)
+    lr: float = attrs.field(default=DEFAULT_LR, validator=_positive)
     """Adam learning rate."""
     max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
     """Stop each epoch after this many batches (quick runs)."""
@@ -151,7 +155,7 @@ class DistillStep:
     """The distillation config list (student modules and links to the teacher's)."""
     epochs: int = attrs.field(default=1, validator=_positive)
     """Passes over the training data."""
-    lr: float = attrs.field(default=1e-3, validator=_positive)
+    lr: float = attrs.field(default=DEFAULT_LR, validator=_positive)
     """Adam learning rate."""
     max_batches: Optional[int] = attrs.field(default=None, validator=_positive)
     """Stop each epoch after this many batches."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import CompressError, ConfigError
 from .runfile import (
+    DEFAULT_LR,
     LOSSES,
     METHOD_KIND,
     DistillStep,
@@ -686,6 +687,24 @@ def _execute(
             shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
             (folder / "shapes.json").write_text(json.dumps(shapes, indent=1, sort_keys=True))
 
+    def train_for(index: int, desc: str, compressor: Any = None) -> None:
+        """Train the current model as step ``index`` says (epochs, lr, batches, loss)."""
+        step = steps[index]
+        assert not isinstance(step, ExportStep)
+        _train(
+            model,
+            train,
+            epochs=step.epochs,
+            lr=step.lr if step.lr is not None else DEFAULT_LR,
+            max_batches=step.max_batches,
+            log=log,
+            desc=desc,
+            loss_fn=losses[index],
+            compressor=compressor,
+            ranks=ranks,
+            device=device,
+        )
+
     model.eval()
     record("initial", time.perf_counter())
     for i, step in enumerate(steps):
@@ -703,18 +722,7 @@ def _execute(
                     safetensors.torch.load_model(model, str(previous))
                     log.info(f"  reusing the cached weights {previous}")
                 else:
-                    _train(
-                        model,
-                        train,
-                        epochs=step.epochs,
-                        lr=step.lr,
-                        max_batches=step.max_batches,
-                        log=log,
-                        desc=f"train {name}",
-                        loss_fn=losses[i],
-                        ranks=ranks,
-                        device=device,
-                    )
+                    train_for(i, f"train {name}")
                 if step.cache and ranks.main:
                     import safetensors.torch
 
@@ -728,19 +736,7 @@ def _execute(
                     config = compress_core.auto_set_dependency_group_ids(model, config, example)
                 pruner = compress_core.create(step.method, model, config, **step.params)
                 if step.epochs is not None:
-                    _train(
-                        model,
-                        train,
-                        epochs=step.epochs,
-                        lr=step.lr if step.lr is not None else 1e-3,
-                        max_batches=step.max_batches,
-                        log=log,
-                        desc=f"prune {name}",
-                        loss_fn=losses[i],
-                        compressor=pruner,
-                        ranks=ranks,
-                        device=device,
-                    )
+                    train_for(i, f"prune {name}", pruner)
                 masks = pruner.compress()
                 for module_name, targets in masks.items():
                     mask = targets.get("weight")
@@ -758,19 +754,7 @@ def _execute(
                     step.method, model, list(step.config_list), teacher=teacher, **step.params
                 )
                 try:
-                    _train(
-                        model,
-                        train,
-                        epochs=step.epochs,
-                        lr=step.lr,
-                        max_batches=step.max_batches,
-                        log=log,
-                        desc=f"distill {name}",
-                        loss_fn=losses[i],
-                        compressor=distiller,
-                        ranks=ranks,
-                        device=device,
-                    )
+                    train_for(i, f"distill {name}", distiller)
                 finally:
                     distiller.close()  # type: ignore[attr-defined]  # distillers remove their hook
                 compress_core.unwrap(model, bake=False)
@@ -782,19 +766,7 @@ def _execute(
                 quant_method = step.method
                 quantizer = compress_core.create(step.method, model, quant_config, **step.params)
                 if step.epochs is not None:
-                    _train(
-                        model,
-                        train,
-                        epochs=step.epochs,
-                        lr=step.lr if step.lr is not None else 1e-3,
-                        max_batches=step.max_batches,
-                        log=log,
-                        desc=f"quantize {name}",
-                        loss_fn=losses[i],
-                        compressor=quantizer,
-                        ranks=ranks,
-                        device=device,
-                    )
+                    train_for(i, f"quantize {name}", quantizer)
                 with torch.no_grad():
                     # Observers see this rank's slice; the quantizer reduces min/max over ranks.
                     for x, _ in log.progress(
