@@ -38,6 +38,9 @@ class Compressor:
     def __init__(self, model: nn.Module, records: list[TargetRecord], params: Any, *, method: str) -> None:
         self.model = model
         self.records = records
+        # Constructed directly (not through create()), a method still gets its defaults.
+        if params is None and self.params_cls is not None:
+            params = self.params_cls()
         self.params = params
         self.method = method
         self._modules = dict(model.named_modules())

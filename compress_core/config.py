@@ -41,6 +41,7 @@ __all__ = [
     "QuantizationSetting",
     "SettingError",
     "converter",
+    "int_at_least",
     "structure_setting",
 ]
 
@@ -82,6 +83,16 @@ def _one_of(*choices: str):
         if value is not None and value not in choices:
             options = ", ".join(repr(c) for c in choices)
             raise SettingError(attribute.name, f"must be one of {options}, got {value!r}")
+
+    return check
+
+
+def int_at_least(minimum: int):
+    """A validator for plugins' parameter classes: an integer (not a bool) >= ``minimum``."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise SettingError(attribute.name, f"must be an integer >= {minimum}, got {value!r}")
 
     return check
 

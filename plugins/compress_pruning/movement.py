@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from compress_core import Pruner, TargetRecord
-from compress_core.config import SettingError
+from compress_core.config import SettingError, int_at_least
 from compress_core.masks import apply_mask
 from compress_core.pruner import MaskHandler
 from compress_core.wrapper import ModuleWrapper
@@ -30,18 +30,13 @@ from .slim import activation_channels
 Key = tuple[str, str]
 
 
-def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SettingError(attribute.name, f"must be an integer >= 0, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class MovementParams:
     """Parameters of ``movement``."""
 
-    warmup_step: int = attrs.field(default=0, validator=_non_negative_int)
+    warmup_step: int = attrs.field(default=0, validator=int_at_least(0))
     """``comp.step()`` count before which nothing is masked."""
-    cooldown_begin_step: int = attrs.field(default=1000, validator=_non_negative_int)
+    cooldown_begin_step: int = attrs.field(default=1000, validator=int_at_least(0))
     """``comp.step()`` count from which the full ratio holds; must exceed ``warmup_step``."""
 
     def __attrs_post_init__(self) -> None:
@@ -82,8 +77,6 @@ class MovementPruner(Pruner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.params is None:
-            self.params = MovementParams()
         self._scores: dict[Key, str] = {}
         self._channels: dict[Key, int] = {}
         self.steps = 0

@@ -18,14 +18,9 @@ import torch
 from torch import nn
 
 from compress_core import Compressor, ConfigError, Pruner, TargetRecord, get_host
-from compress_core.config import SettingError, structure_setting
+from compress_core.config import int_at_least, structure_setting
 from compress_core.errors import UnknownMethodError
 from compress_core.wrapper import Handler, ModuleWrapper
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(attribute.name, f"must be an integer >= 1, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -34,9 +29,9 @@ class ScheduleKeys:
 
     pruner: str
     """Name (or alias) of the pruning method whose masks are scheduled, e.g. ``l1_norm``."""
-    interval_steps: int = attrs.field(default=100, validator=_positive_int)
+    interval_steps: int = attrs.field(default=100, validator=int_at_least(1))
     """``comp.step()`` calls between two mask updates."""
-    total_times: int = attrs.field(default=10, validator=_positive_int)
+    total_times: int = attrs.field(default=10, validator=int_at_least(1))
     """Number of mask updates; the last one reaches the configured ratios."""
 
 

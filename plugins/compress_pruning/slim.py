@@ -67,8 +67,6 @@ class SlimPruner(Pruner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.params is None:
-            self.params = SlimParams()
         self._factors: dict[tuple[str, str], str] = {}
         self._channels: dict[tuple[str, str], int] = {}
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress_core import ConfigError, Pruner, TargetRecord
-from compress_core.config import SettingError
+from compress_core.config import int_at_least
 from compress_core.distributed import all_reduce_mean_
 from compress_core.masks import block_reduce
 from compress_core.pruner import MaskHandler
@@ -27,16 +27,11 @@ from compress_core.wrapper import ModuleWrapper
 Key = tuple[str, str]
 
 
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(attribute.name, f"must be an integer >= 1, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class TaylorParams:
     """Parameters of ``taylor``."""
 
-    training_steps: int = attrs.field(default=100, validator=_positive_int)
+    training_steps: int = attrs.field(default=100, validator=int_at_least(1))
     """Number of ``comp.step()`` calls whose gradients are accumulated before masks are set."""
 
 
@@ -64,8 +59,6 @@ class TaylorPruner(Pruner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.params is None:
-            self.params = TaylorParams()
         self._sums: dict[Key, torch.Tensor] = {}
         self._importance: dict[Key, torch.Tensor] = {}
         self._steps = 0

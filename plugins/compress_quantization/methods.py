@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from compress_core import TargetRecord
+from compress_core.config import int_at_least
 from compress_core.quantization import (
     QuantParams,
     affine_qparams,
@@ -37,11 +38,6 @@ class Ptq(Quantizer):
         handler.quantizing = False
 
 
-def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-
-
 def _decay(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"must be in [0, 1), got {value}")
@@ -49,7 +45,7 @@ def _decay(instance: Any, attribute: attrs.Attribute, value: float) -> None:
 
 @attrs.frozen(kw_only=True)
 class QatParams(QuantizerParams):
-    quant_start_step: int = attrs.field(default=0, validator=_non_negative_int)
+    quant_start_step: int = attrs.field(default=0, validator=int_at_least(0))
     """Fake quantization starts after this many ``comp.step()`` calls (observers run from 0)."""
     ema_decay: float = attrs.field(default=0.99, validator=_decay)
     """EMA decay of activation ranges; the first observed range is taken as is."""
