@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CompressError, ConfigError
+from .integrations._loss import add_compression_loss
 from .runfile import (
     DEFAULT_LR,
     LOSSES,
@@ -445,9 +446,8 @@ def _train(
     """Adam on ``loss_fn(model(x), y)`` with ``compressor`` attached, as a user's loop would.
 
     The compressor's extra tensors join the optimizer (once: trainable state registered on the
-    model is already among its parameters), its ``loss()`` is added to the task loss (a
-    distiller weights the task loss itself: ``total_loss``) and ``step()`` follows every
-    optimizer step.
+    model is already among its parameters), its terms join the task loss as in the framework
+    integrations (:func:`add_compression_loss`) and ``step()`` follows every optimizer step.
     """
     params: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -465,7 +465,7 @@ def _train(
         # DDP averages the model's gradients; a distiller's own parameters (adapters) are
         # averaged by the distiller, which registers its own hooks under torch.distributed.
         forward = DistributedDataParallel(model)
-    total_loss = getattr(compressor, "total_loss", None)
+    compressors = [compressor] if compressor is not None else []
     for epoch in range(epochs):
         batches: Iterable[Any] = _shard(_batches(train, max_batches), ranks)
         if device is not None:
@@ -479,12 +479,7 @@ def _train(
                 raise CompressError(
                     f"{desc}: the loss function must return a scalar tensor, got {got}"
                 )
-            if compressor is None:
-                loss = task
-            elif callable(total_loss):
-                loss = total_loss(task)
-            else:
-                loss = task + compressor.loss().to(task.device)
+            loss = add_compression_loss(task, compressors)
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: the loss became {loss.item()} (lower lr?)")
             loss.backward()
