@@ -151,11 +151,12 @@ def _constants(proto: Any) -> dict[str, Any]:
     return values
 
 
-def _axis(node: Any) -> int:
+def _axis(node: Any, default: int = 1) -> int:
+    """A node's ``axis`` attribute; ONNX's default for it differs by op (1 for Q/DQ)."""
     for attribute in node.attribute:
         if attribute.name == "axis":
             return int(attribute.i)
-    return 1
+    return default
 
 
 def _fold_clips(proto: Any) -> None:
@@ -220,7 +221,7 @@ def _quantize_biases(proto: Any) -> None:
     from onnx import helper, numpy_helper
 
     constants = _constants(proto)
-    producer = {out: node for node in proto.graph.node for out in node.output}
+    producer = _producers(proto)
     initializers = {init.name: init for init in proto.graph.initializer}
     new_nodes = []
     for node in proto.graph.node:
@@ -271,6 +272,10 @@ def _quantize_biases(proto: Any) -> None:
         nodes = list(new_nodes) + list(proto.graph.node)
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
+
+
+def _producers(proto: Any) -> dict[str, Any]:
+    return {out: node for node in proto.graph.node for out in node.output}
 
 
 def _consumers(proto: Any) -> dict[str, list[Any]]:
@@ -326,7 +331,7 @@ def _integer_matmuls(proto: Any) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     constants = _constants(proto)
-    producer = {out: node for node in proto.graph.node for out in node.output}
+    producer = _producers(proto)
     replaced: dict[int, list[Any]] = {}
 
     def initializer(value: Any, name: str) -> str:
@@ -416,7 +421,7 @@ def _quantized_gathers(proto: Any) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     constants = _constants(proto)
-    producer = {out: node for node in proto.graph.node for out in node.output}
+    producer = _producers(proto)
     consumers = _consumers(proto)
     replaced: dict[int, list[Any]] = {}
     for node in proto.graph.node:
@@ -427,7 +432,7 @@ def _quantized_gathers(proto: Any) -> None:
         if weight is None or not users:
             continue
         if any(
-            u.op_type != "Gather" or u.input[0] != node.output[0] or _axis_or(u, 0) != 0
+            u.op_type != "Gather" or u.input[0] != node.output[0] or _axis(u, 0) != 0
             for u in users
         ):
             continue
@@ -486,13 +491,6 @@ def _quantized_gathers(proto: Any) -> None:
         nodes.extend(replaced.get(id(node), [node]))
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-
-
-def _axis_or(node: Any, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == "axis":
-            return int(attribute.i)
-    return default
 
 
 def _drop_dead_nodes(proto: Any) -> None:
